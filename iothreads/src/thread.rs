@@ -29,6 +29,28 @@ pub const MAX_IOTHREADS: usize = 64;
 
 static INDICES: Mutex<u64> = Mutex::new(0);
 
+/// Live IoThreads by index, so per-thread state (e.g. a registered file) can be cleaned up on
+/// the thread that owns it.
+static REGISTRY: Mutex<Vec<Option<std::sync::Weak<Shared>>>> = Mutex::new(Vec::new());
+
+fn register(shared: &Arc<Shared>) {
+    let mut r = REGISTRY.lock();
+    if r.len() < MAX_IOTHREADS {
+        r.resize(MAX_IOTHREADS, None);
+    }
+    r[shared.index] = Some(Arc::downgrade(shared));
+}
+
+/// The live IoThread with process-wide index `index`, if any.
+pub fn handle_by_index(index: usize) -> Option<IoThreadHandle> {
+    let r = REGISTRY.lock();
+    let shared = r.get(index)?.as_ref()?.upgrade()?;
+    if shared.shutdown.load(Ordering::Acquire) {
+        return None;
+    }
+    Some(IoThreadHandle { shared })
+}
+
 fn take_index() -> Option<usize> {
     let mut used = INDICES.lock();
     let free = (!*used).trailing_zeros() as usize;
@@ -206,6 +228,9 @@ impl IoThread {
             struct Release(usize);
             impl Drop for Release {
                 fn drop(&mut self) {
+                    if let Some(slot) = REGISTRY.lock().get_mut(self.0) {
+                        *slot = None;
+                    }
                     release_index(self.0);
                 }
             }
@@ -249,6 +274,7 @@ impl IoThread {
             let _ = thread.join();
             return Err(e);
         }
+        register(&shared);
         Ok(IoThread { handle: IoThreadHandle { shared }, thread: Some(thread) })
     }
 

@@ -1,0 +1,4 @@
+//! Block drivers: protocols (`file`, `null-co`) and, later, formats and filters.
+
+pub mod file;
+pub mod null;
