@@ -4,6 +4,7 @@
 //! ring and its local state. They receive the node they serve, so a format or filter driver
 //! reaches its children through it.
 
+use std::any::Any;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
@@ -36,7 +37,7 @@ pub struct ZeroFlags {
 }
 
 /// A block driver: how a node serves requests.
-pub trait Driver: Send + Sync + 'static {
+pub trait Driver: Any + Send + Sync + 'static {
     /// The driver's name as QMP shows it (`file`, `null-co`, `raw`, `qcow2`, ...).
     fn driver_name(&self) -> &'static str;
 

@@ -1,0 +1,382 @@
+//! The file driver through a Backend: buffered and O_DIRECT I/O, padding of unaligned
+//! requests, zeroes, growth past the end, the I/O mode choice, and QEMU-compatible image
+//! locking checked against qemu-io and qemu-img in both directions.
+
+mod common;
+
+use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::{pattern_at, qemu_tool, Scratch};
+use engine::drivers::file::{self, Aio, FileDriver, FileOptions, Locking};
+use engine::{Backend, ErrorKind, IoBuf, IoThread, Node, ZeroFlags};
+
+fn backend(node: Arc<Node>, t: &IoThread) -> Backend {
+    Backend::new(node, &[t.handle()]).unwrap()
+}
+
+fn driver(node: &Node) -> &FileDriver {
+    node.driver_as::<FileDriver>().expect("a file node")
+}
+
+#[test]
+fn buffered_read_write_round_trip() {
+    let f = Scratch::new("rw").with_pattern(1 << 20);
+    let t = IoThread::new().unwrap();
+    let node = file::open("f0", &FileOptions::new(&f.0)).unwrap();
+    let b = backend(node, &t);
+    assert_eq!(b.len(), 1 << 20);
+    let (r, buf) = b.read_blocking(1000, IoBuf::new(3000));
+    r.unwrap();
+    assert!(buf.iter().enumerate().all(|(i, &x)| x == pattern_at(1000 + i)));
+    let (r, _) = b.write_blocking(5, IoBuf::from_slice(b"hello"));
+    r.unwrap();
+    b.flush_blocking().unwrap();
+    let data = std::fs::read(&f.0).unwrap();
+    assert_eq!(&data[5..10], b"hello");
+    assert_eq!(data[4], pattern_at(4));
+    assert_eq!(data[10], pattern_at(10));
+}
+
+#[test]
+fn requests_past_the_end_are_refused() {
+    let f = Scratch::new("range").with_pattern(4096);
+    let t = IoThread::new().unwrap();
+    let b = backend(file::open("f0", &FileOptions::new(&f.0)).unwrap(), &t);
+    let (r, _) = b.read_blocking(4000, IoBuf::new(200));
+    let e = r.unwrap_err();
+    assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
+    assert!(e.to_string().contains("beyond the end"), "{e}");
+}
+
+fn direct_opts(f: &Scratch) -> FileOptions {
+    FileOptions { direct: true, ..FileOptions::new(&f.0) }
+}
+
+#[test]
+fn direct_io_on_disk_takes_statx_alignment_and_pads() {
+    let f = Scratch::new_in("/var/tmp", "direct").with_pattern(64 * 1024);
+    let t = IoThread::new().unwrap();
+    let node = match file::open("d0", &direct_opts(&f)) {
+        Ok(n) => n,
+        Err(e) if e.kind() == ErrorKind::Unsupported => {
+            eprintln!("skipping: /var/tmp has no O_DIRECT: {e}");
+            return;
+        }
+        Err(e) => panic!("{e:?}"),
+    };
+    let (mem, off) = driver(&node).alignment();
+    assert!(off >= 512 && off.is_power_of_two(), "offset alignment {off}");
+    assert!(mem >= 1 && mem.is_power_of_two());
+    let b = backend(node, &t);
+    // Unaligned read (offset, length, and buffer address).
+    let (r, buf) = b.read_blocking(777, IoBuf::new(10_000).slice(3..5003));
+    r.unwrap();
+    assert!(buf.iter().enumerate().all(|(i, &x)| x == pattern_at(777 + i)));
+    // Unaligned write: read-modify-write keeps the neighbours.
+    let (r, _) = b.write_blocking(4090, IoBuf::from_slice(&[0xEE; 20]));
+    r.unwrap();
+    b.flush_blocking().unwrap();
+    drop(b);
+    let data = std::fs::read(&f.0).unwrap();
+    assert_eq!(data.len(), 64 * 1024);
+    assert!(data[4090..4110].iter().all(|&x| x == 0xEE));
+    assert_eq!(data[4089], pattern_at(4089));
+    assert_eq!(data[4110], pattern_at(4110));
+}
+
+#[test]
+fn concurrent_unaligned_writes_to_shared_blocks_lose_nothing() {
+    // Two IoThreads write interleaved 100-byte pieces of the same 4 KiB blocks with O_DIRECT.
+    // Each piece is padded by read-modify-write; without serialisation pieces would be lost.
+    let f = Scratch::new_in("/var/tmp", "rmw").with_pattern(64 * 1024);
+    let (t1, t2) = (IoThread::new().unwrap(), IoThread::new().unwrap());
+    let node = match file::open("d0", &direct_opts(&f)) {
+        Ok(n) => n,
+        Err(e) if e.kind() == ErrorKind::Unsupported => {
+            eprintln!("skipping: /var/tmp has no O_DIRECT: {e}");
+            return;
+        }
+        Err(e) => panic!("{e:?}"),
+    };
+    let b = Backend::new(node, &[t1.handle(), t2.handle()]).unwrap();
+    let run = |t: &IoThread, parity: u64| {
+        let b = b.clone();
+        t.spawn_with(move || async move {
+            let mut hs = Vec::new();
+            for i in (parity..600).step_by(2) {
+                let b = b.clone();
+                hs.push(iothreads::spawn_local(async move {
+                    let (r, _) = b.write(i * 100, IoBuf::from_slice(&[(i % 200) as u8 + 1; 100])).await;
+                    r.unwrap();
+                }));
+            }
+            for h in hs {
+                h.await.unwrap();
+            }
+        })
+    };
+    let (a, c) = (run(&t1, 0), run(&t2, 1));
+    a.join().unwrap();
+    c.join().unwrap();
+    b.flush_blocking().unwrap();
+    drop(b);
+    let data = std::fs::read(&f.0).unwrap();
+    for i in 0..600usize {
+        let want = (i % 200) as u8 + 1;
+        assert!(data[i * 100..i * 100 + 100].iter().all(|&x| x == want), "piece {i} lost");
+    }
+    assert_eq!(data[60_000], pattern_at(60_000));
+}
+
+#[test]
+fn writes_past_the_end_grow_the_file_exactly() {
+    for dir in ["/var/tmp", "/dev/shm"] {
+        let f = Scratch::new_in(dir, "grow").with_pattern(1000);
+        let t = IoThread::new().unwrap();
+        let opts = direct_opts(&f);
+        let node = match file::open("g", &opts) {
+            Ok(n) => n,
+            Err(_) => file::open("g", &FileOptions::new(&f.0)).unwrap(),
+        };
+        let n2 = node.clone();
+        t.block_on(move || async move {
+            let (r, _) = n2.write(1500, IoBuf::from_slice(&[7; 100]), Default::default()).await;
+            r.unwrap();
+        })
+        .unwrap();
+        assert_eq!(node.len(), 1600);
+        drop(node);
+        let data = std::fs::read(&f.0).unwrap();
+        assert_eq!(data.len(), 1600, "{dir}");
+        assert!(data[1000..1500].iter().all(|&x| x == 0));
+        assert!(data[1500..].iter().all(|&x| x == 7));
+    }
+}
+
+#[test]
+fn write_zeroes_and_discard() {
+    let f = Scratch::new("zero").with_pattern(1 << 20);
+    let t = IoThread::new().unwrap();
+    let opts = FileOptions { discard: file::Discard::Unmap, ..FileOptions::new(&f.0) };
+    let b = backend(file::open("z", &opts).unwrap(), &t);
+    let b2 = b.clone();
+    t.block_on(move || async move {
+        b2.write_zeroes(4096, 8192, ZeroFlags::default()).await.unwrap();
+        b2.write_zeroes(65536, 65536, ZeroFlags { may_unmap: true, ..Default::default() })
+            .await
+            .unwrap();
+        b2.write_zeroes(100, 50, ZeroFlags::default()).await.unwrap();
+        b2.discard(262144, 65536).await.unwrap();
+        b2.flush().await.unwrap();
+    })
+    .unwrap();
+    let data = std::fs::read(&f.0).unwrap();
+    assert!(data[4096..12288].iter().all(|&x| x == 0));
+    assert!(data[65536..131072].iter().all(|&x| x == 0));
+    assert!(data[100..150].iter().all(|&x| x == 0));
+    assert_eq!(data[99], pattern_at(99));
+    assert_eq!(data[150], pattern_at(150));
+    assert_eq!(data[12288], pattern_at(12288));
+    assert!(data[262144..327680].iter().all(|&x| x == 0), "discard=unmap punches a hole");
+}
+
+#[test]
+fn io_mode_is_inline_only_for_tmpfs_without_nowait() {
+    let shm = Scratch::new_in("/dev/shm", "mode").with_pattern(8192);
+    let disk = Scratch::new_in("/var/tmp", "mode").with_pattern(8192);
+    let n1 = file::open("a", &FileOptions::new(&shm.0)).unwrap();
+    let n2 = file::open("b", &FileOptions::new(&disk.0)).unwrap();
+    assert!(driver(&n1).is_inline(), "tmpfs has no RWF_NOWAIT: plain syscalls");
+    assert!(!driver(&n2).is_inline(), "ext4 buffered reads support RWF_NOWAIT: ring");
+    let n3 = file::open("c", &FileOptions { aio: Aio::IoUring, ..FileOptions::new(&shm.0) });
+    // Same file opened twice in one process: the second read-write opener conflicts.
+    assert_eq!(n3.unwrap_err().kind(), ErrorKind::PermissionConflict);
+    drop(n1);
+    let n3 = file::open("c", &FileOptions { aio: Aio::IoUring, ..FileOptions::new(&shm.0) }).unwrap();
+    assert!(!driver(&n3).is_inline());
+    // Both modes read the same bytes.
+    let t = IoThread::new().unwrap();
+    let (r, buf) = backend(n3, &t).read_blocking(10, IoBuf::new(100));
+    r.unwrap();
+    assert!(buf.iter().enumerate().all(|(i, &x)| x == pattern_at(10 + i)));
+}
+
+#[test]
+fn registered_files_work_and_release_locks_on_close() {
+    let f = Scratch::new("regf").with_pattern(65536);
+    let opts = iothreads::IoThreadOptions { registered_files: 4, ..Default::default() };
+    let t = IoThread::with_options(opts).unwrap();
+    let node = file::open("r", &FileOptions { aio: Aio::IoUring, ..FileOptions::new(&f.0) }).unwrap();
+    let b = backend(node, &t);
+    let (r, buf) = b.read_blocking(100, IoBuf::new(100));
+    r.unwrap();
+    assert_eq!(buf[0], pattern_at(100));
+    drop(b);
+    // The lock is gone as soon as the node is: another read-write opener succeeds.
+    file::open("again", &FileOptions::new(&f.0)).unwrap();
+}
+
+#[test]
+fn missing_file_and_bad_type_are_clear_errors() {
+    let e = file::open("m", &FileOptions::new("/nonexistent/strata-nope")).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::NotFound);
+    assert!(e.full_message().starts_with("Could not open '/nonexistent/strata-nope'"), "{e:?}");
+    let e = file::open("d", &FileOptions { read_only: true, ..FileOptions::new("/tmp") })
+        .unwrap_err();
+    assert!(e.full_message().contains("Could not open") || e.full_message().contains("not a regular file"));
+}
+
+// ---- image locking against QEMU ----
+
+/// Whether another open file description holds a lock on `byte` of `path`.
+fn byte_locked(path: &str, byte: i64) -> bool {
+    let f = std::fs::File::open(path).unwrap();
+    let mut fl = libc::flock {
+        l_type: libc::F_WRLCK as i16,
+        l_whence: libc::SEEK_SET as i16,
+        l_start: byte,
+        l_len: 1,
+        l_pid: 0,
+    };
+    // SAFETY: F_OFD_GETLK fills the flock we pass.
+    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl as *mut libc::flock) };
+    assert_eq!(r, 0);
+    fl.l_type != libc::F_UNLCK as i16
+}
+
+/// Starts `qemu-io` holding `path` open (read-write unless `ro`), and waits for its locks.
+fn qemu_io_holding(qemu_io: &str, path: &str, ro: bool) -> Child {
+    let mut cmd = Command::new(qemu_io);
+    if ro {
+        cmd.arg("-r");
+    }
+    let child = cmd
+        .args(["-f", "raw", path])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !byte_locked(path, 100) {
+        assert!(Instant::now() < deadline, "qemu-io never locked {path}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child
+}
+
+fn stop(mut child: Child) {
+    if let Some(mut stdin) = child.stdin.take() {
+        let _ = stdin.write_all(b"quit\n");
+    }
+    let _ = child.wait();
+}
+
+#[test]
+fn strata_writer_locks_out_qemu() {
+    let Some(qemu_io) = qemu_tool("qemu-io") else { return };
+    let Some(qemu_img) = qemu_tool("qemu-img") else { return };
+    let f = Scratch::new("lock1").with_pattern(1 << 20);
+    let node = file::open("w", &FileOptions::new(&f.0)).unwrap();
+    // The bytes QEMU's read-write opener takes: 100, 101, 103 held; 201, 203 not shared.
+    for b in [100, 101, 103, 201, 203] {
+        assert!(byte_locked(f.path(), b), "byte {b}");
+    }
+    for b in [102, 200, 202] {
+        assert!(!byte_locked(f.path(), b), "byte {b}");
+    }
+    let out = Command::new(qemu_io).args(["-f", "raw", "-c", "write 0 4k", f.path()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success() || err.contains("lock"), "qemu-io wrote: {err}");
+    assert!(err.contains("Failed to get \"write\" lock"), "{err}");
+    let out = Command::new(qemu_img).args(["resize", "-f", "raw", f.path(), "2M"]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "qemu-img resize must be refused while strata writes");
+    assert!(err.contains("Failed to get \"write\" lock"), "{err}");
+    // QEMU's raw reader shares everything, so `qemu-img info -f raw` still works.
+    let out = Command::new(qemu_img).args(["info", "-f", "raw", f.path()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    drop(node);
+    let out = Command::new(qemu_io).args(["-f", "raw", "-c", "write 0 4k", f.path()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[test]
+fn qemu_writer_locks_out_strata() {
+    let Some(qemu_io) = qemu_tool("qemu-io") else { return };
+    let f = Scratch::new("lock2").with_pattern(1 << 20);
+    let child = qemu_io_holding(qemu_io, f.path(), false);
+    let e = file::open("w", &FileOptions::new(&f.0)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionConflict);
+    assert!(
+        e.message().starts_with("Failed to get shared \"write\" lock"),
+        "strata must refuse to share write with a QEMU writer: {e:?}"
+    );
+    assert!(e.message().contains(f.path()));
+    let e = file::open("r", &FileOptions { read_only: true, ..FileOptions::new(&f.0) }).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionConflict, "a consistent reader unshares write");
+    // With locking off the user takes responsibility.
+    file::open("x", &FileOptions { locking: Locking::Off, ..FileOptions::new(&f.0) }).unwrap();
+    stop(child);
+    file::open("w", &FileOptions::new(&f.0)).unwrap();
+}
+
+#[test]
+fn qemu_img_info_of_a_qcow2_is_refused_while_strata_writes_its_file() {
+    let Some(qemu_img) = qemu_tool("qemu-img") else { return };
+    let f = Scratch::new("lock5");
+    let out = Command::new(qemu_img).args(["create", "-f", "qcow2", f.path(), "1M"]).output().unwrap();
+    assert!(out.status.success());
+    let node = file::open("w", &FileOptions::new(&f.0)).unwrap();
+    // A qcow2 reader does not share write: it must not read metadata someone else changes.
+    let out = Command::new(qemu_img).args(["info", f.path()]).output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(err.contains("Failed to get shared \"write\" lock"), "{err}");
+    drop(node);
+    let out = Command::new(qemu_img).args(["info", f.path()]).output().unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn readers_share_with_readers() {
+    let Some(qemu_io) = qemu_tool("qemu-io") else { return };
+    let Some(qemu_img) = qemu_tool("qemu-img") else { return };
+    let f = Scratch::new("lock3").with_pattern(1 << 20);
+    let child = qemu_io_holding(qemu_io, f.path(), true);
+    let ro = FileOptions { read_only: true, ..FileOptions::new(&f.0) };
+    let node = file::open("r", &ro).unwrap();
+    let out = Command::new(qemu_img).args(["info", "-f", "raw", f.path()]).output().unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // A writer is refused while readers are there.
+    let e = file::open("w", &FileOptions::new(&f.0)).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionConflict);
+    stop(child);
+    drop(node);
+}
+
+#[test]
+fn changing_permissions_moves_locks_without_a_window() {
+    let f = Scratch::new("lock4").with_pattern(4096);
+    let node = file::open("p", &FileOptions::new(&f.0)).unwrap();
+    let d = node.driver();
+    // Down to read-only: write bytes released, read kept.
+    d.set_perms(engine::Perm::CONSISTENT_READ, engine::Perm::ALL).unwrap();
+    assert!(byte_locked(f.path(), 100));
+    assert!(!byte_locked(f.path(), 101));
+    assert!(!byte_locked(f.path(), 201));
+    // A second opener now takes write and unshares write.
+    let other = file::open("q", &FileOptions::new(&f.0)).unwrap();
+    // Back up to write conflicts, and the failed attempt leaves the old locks exactly.
+    let e = d.set_perms(engine::Perm::CONSISTENT_READ | engine::Perm::WRITE, engine::Perm::ALL);
+    assert_eq!(e.unwrap_err().kind(), ErrorKind::PermissionConflict);
+    drop(other);
+    assert!(byte_locked(f.path(), 100));
+    assert!(!byte_locked(f.path(), 101));
+    d.set_perms(engine::Perm::CONSISTENT_READ | engine::Perm::WRITE, engine::Perm::ALL).unwrap();
+    assert!(byte_locked(f.path(), 101));
+}
