@@ -37,6 +37,7 @@ use slab::Slab;
 use crate::buf::IoBuf;
 use crate::fixed::PoolShared;
 use crate::join::{self, JoinHandle, TaskFuture};
+use crate::wake::SleepFlag;
 
 /// `user_data` of the eventfd read that wakes the loop.
 const EVENTFD_UD: u64 = u64::MAX;
@@ -56,7 +57,7 @@ pub(crate) struct Shared {
     pub(crate) name: String,
     injected: SegQueue<Injected>,
     remote_wakes: SegQueue<u64>,
-    sleeping: AtomicBool,
+    sleeping: SleepFlag,
     /// Set when the loop has stopped taking injected work; injectors then drop their own.
     closed: AtomicBool,
     pub(crate) shutdown: AtomicBool,
@@ -88,7 +89,7 @@ impl Shared {
             name,
             injected: SegQueue::new(),
             remote_wakes: SegQueue::new(),
-            sleeping: AtomicBool::new(false),
+            sleeping: SleepFlag::new(),
             closed: AtomicBool::new(false),
             shutdown: AtomicBool::new(false),
             eventfd,
@@ -116,8 +117,7 @@ impl Shared {
 
     /// Wakes the loop if it is (about to be) asleep in the kernel.
     pub(crate) fn notify(&self) {
-        fence(Ordering::SeqCst);
-        if self.sleeping.load(Ordering::SeqCst) && self.sleeping.swap(false, Ordering::SeqCst) {
+        if self.sleeping.must_wake() {
             self.counters.eventfd_wakes.fetch_add(1, Ordering::Relaxed);
             let one: u64 = 1;
             // SAFETY: writes 8 bytes from a live u64 to our own eventfd. A failure can only be
@@ -390,6 +390,10 @@ impl Local {
         }
     }
 
+    pub(crate) fn op_count(&self) -> usize {
+        self.ops.borrow().len()
+    }
+
     pub(crate) fn task_count(&self) -> usize {
         self.tasks.borrow().len()
     }
@@ -599,11 +603,10 @@ impl Local {
                     self.enter(false);
                 }
             } else {
-                self.shared.sleeping.store(true, Ordering::SeqCst);
-                fence(Ordering::SeqCst);
+                self.shared.sleeping.announce();
                 let wait = !self.shared.has_injected();
                 self.enter(wait);
-                self.shared.sleeping.store(false, Ordering::SeqCst);
+                self.shared.sleeping.clear();
             }
             self.reap();
             if self.cq_overflowed() {

@@ -459,6 +459,12 @@ pub fn task_count() -> usize {
     with_local(|l| l.task_count()).unwrap_or(0)
 }
 
+/// Ops whose completion the current IoThread still waits for, including those whose futures
+/// were dropped (their buffers live until then); 0 elsewhere.
+pub fn ops_in_flight() -> usize {
+    with_local(|l| l.op_count()).unwrap_or(0)
+}
+
 /// A buffer for I/O on the current IoThread: a slot of its registered pool when it has one with
 /// a slot free and large enough, else a plain aligned buffer.
 pub fn alloc_buf(len: usize) -> IoBuf {
