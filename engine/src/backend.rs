@@ -1,7 +1,7 @@
 //! Backends: the front end a guest or an embedder holds.
 //!
-//! A backend points at a root node and is bound to one or more IoThreads. Requests enter as
-//! async calls and walk down the graph on an IoThread:
+//! A backend is a user of its root node (it holds the `root` edge, so the graph can replace the
+//! node under it) and is bound to one or more IoThreads. Requests enter as async calls:
 //! - called on one of the backend's IoThreads, a request runs right there (the fast path, used
 //!   by the bench and by exports);
 //! - called anywhere else, it is sent to one of the backend's IoThreads, chosen by the calling
@@ -10,29 +10,80 @@
 //! Requests are checked against the root's length here, as a guest device would (QEMU's
 //! `blk_check_byte_request`), and each request first takes one unit of its task's budget so
 //! that requests which complete at once (null, cache hits) cannot starve the loop.
+//!
+//! # Drain and held requests
+//!
+//! While the backend is drained, new requests are held at its entry, before they count as in
+//! flight and before they read the graph, in a FIFO per IoThread, and they resume in that
+//! order when the drain ends: none is lost, failed or reordered per submitting thread. A request
+//! arriving while others are held on its IoThread queues behind them. A backend with holding
+//! disabled (a job's) lets requests pass a drain, so the job can reach its pause point.
 
+use std::collections::VecDeque;
+use std::future::Future;
 use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::pin::Pin;
+use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
 
-use graph::{Error, ErrorKind, Node, WriteFlags, ZeroFlags};
-use iothreads::{BufResult, IoBuf, IoThreadHandle};
+use crossbeam_utils::CachePadded;
+use graph::counter::PerThreadCounter;
+use graph::{
+    drain_event, Edge, Error, ErrorKind, Node, Perm, Transaction, User, WriteFlags, ZeroFlags,
+};
+use iothreads::{BufResult, IoBuf, IoThreadHandle, MAX_IOTHREADS};
+use parking_lot::Mutex;
 
-struct Inner {
-    root: Arc<Node>,
+/// How a backend uses its root.
+#[derive(Debug, Clone, Default)]
+pub struct BackendOptions {
+    /// The name errors use ("block device 'NAME'").
+    pub name: Option<String>,
+    /// Only read (take consistent-read, never write).
+    pub read_only: bool,
+    /// Let other users write the node too (QEMU's `share-rw`).
+    pub share_rw: bool,
+    /// Let requests pass a drain instead of holding them (jobs).
+    pub no_holding: bool,
+}
+
+/// Held requests of one IoThread, in arrival order.
+#[derive(Default)]
+struct HeldQueue {
+    next_ticket: u64,
+    queue: VecDeque<(u64, Option<Waker>)>,
+}
+
+struct HeldSlot {
+    len: AtomicUsize,
+    queue: Mutex<HeldQueue>,
+}
+
+pub(crate) struct Inner {
+    name: Option<String>,
+    edge: Mutex<Option<Arc<Edge>>>,
     threads: Vec<IoThreadHandle>,
+    holding: bool,
+    in_flight: PerThreadCounter,
+    quiesce: AtomicU32,
+    held: Box<[CachePadded<HeldSlot>]>,
+    held_total: AtomicU64,
 }
 
 /// A front end over a root node.
 #[derive(Clone)]
 pub struct Backend {
     inner: Arc<Inner>,
+    /// Cached root edge (the edge itself never changes; its child may).
+    edge: Arc<Edge>,
 }
 
 impl std::fmt::Debug for Backend {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Backend")
-            .field("root", &self.inner.root.name())
+            .field("name", &self.inner.name)
+            .field("root", &self.root().name().to_string())
             .field("threads", &self.inner.threads)
             .finish()
     }
@@ -41,22 +92,135 @@ impl std::fmt::Debug for Backend {
 fn out_of_range(offset: u64, len: u64, size: u64) -> io::Error {
     io::Error::new(
         io::ErrorKind::InvalidInput,
-        format!("request of {len} bytes at offset {offset} is beyond the end of the {size}-byte device"),
+        format!(
+            "request of {len} bytes at offset {offset} is beyond the end of the {size}-byte device"
+        ),
     )
 }
 
-impl Backend {
-    /// A backend over `root`, served by `threads`.
-    pub fn new(root: Arc<Node>, threads: &[IoThreadHandle]) -> Result<Backend, Error> {
-        if threads.is_empty() {
-            return Err(Error::new(ErrorKind::InvalidArgument, "a backend needs at least one IoThread"));
+impl User for Inner {
+    fn describe(&self) -> String {
+        match &self.name {
+            Some(n) => format!("block device '{n}'"),
+            None => "an unnamed block device".to_string(),
         }
-        Ok(Backend { inner: Arc::new(Inner { root, threads: threads.to_vec() }) })
     }
 
-    /// The root node.
-    pub fn root(&self) -> &Arc<Node> {
-        &self.inner.root
+    fn drained_begin(&self) {
+        self.quiesce.fetch_add(1, Ordering::SeqCst);
+    }
+
+    fn drained_end(&self) {
+        if self.quiesce.fetch_sub(1, Ordering::SeqCst) == 1 {
+            // Resume: wake the head of each IoThread's queue; each request, as it proceeds,
+            // wakes the next one, so they enter in order.
+            for slot in self.held.iter() {
+                if slot.len.load(Ordering::SeqCst) > 0 {
+                    if let Some((_, Some(w))) = slot.queue.lock().queue.front() {
+                        w.wake_by_ref();
+                    }
+                }
+            }
+        }
+    }
+
+    fn is_quiet(&self) -> bool {
+        self.in_flight.sum() == 0
+    }
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(edge) = self.edge.lock().take() {
+            let m = graph::mutation();
+            let mut tx = Transaction::new(&m);
+            // A backend's edge is never frozen by others; if detaching fails the transaction
+            // rolls back and the edge simply stays until the node goes.
+            if tx.detach(&edge).is_ok() {
+                let _ = tx.commit();
+            }
+        }
+    }
+}
+
+impl Backend {
+    /// A read-write (or, for a read-only root, read-only) backend over `root`, served by
+    /// `threads`.
+    pub fn new(root: Arc<Node>, threads: &[IoThreadHandle]) -> Result<Backend, Error> {
+        let opts = BackendOptions {
+            read_only: root.is_read_only(),
+            ..Default::default()
+        };
+        Self::with_options(root, threads, opts)
+    }
+
+    /// A backend with options. Attaching takes the backend's permissions on the root (and
+    /// with them the image locks below); a conflict is an error and nothing is attached.
+    pub fn with_options(
+        root: Arc<Node>,
+        threads: &[IoThreadHandle],
+        opts: BackendOptions,
+    ) -> Result<Backend, Error> {
+        if threads.is_empty() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "a backend needs at least one IoThread",
+            ));
+        }
+        // A guest device (QEMU's blkconf_apply_backend_options): reads consistently, writes
+        // unless read-only, shares consistent read and unchanged writes, writes only with
+        // share-rw, never resize.
+        let perm = if opts.read_only {
+            Perm::CONSISTENT_READ
+        } else {
+            Perm::CONSISTENT_READ | Perm::WRITE
+        };
+        let mut shared = Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED;
+        if opts.share_rw {
+            shared |= Perm::WRITE;
+        }
+        let inner = Arc::new(Inner {
+            name: opts.name.clone(),
+            edge: Mutex::new(None),
+            threads: threads.to_vec(),
+            holding: !opts.no_holding,
+            in_flight: PerThreadCounter::new(),
+            quiesce: AtomicU32::new(0),
+            held: (0..MAX_IOTHREADS)
+                .map(|_| {
+                    CachePadded::new(HeldSlot {
+                        len: AtomicUsize::new(0),
+                        queue: Mutex::new(HeldQueue::default()),
+                    })
+                })
+                .collect(),
+            held_total: AtomicU64::new(0),
+        });
+        let user: Arc<dyn User> = inner.clone();
+        let edge = {
+            let m = graph::mutation();
+            let mut tx = Transaction::new(&m);
+            let edge = tx.attach_user(&user, &root, perm, shared)?;
+            tx.commit()?;
+            edge
+        };
+        *inner.edge.lock() = Some(Arc::clone(&edge));
+        Ok(Backend { inner, edge })
+    }
+
+    /// The root node now (the graph may replace it).
+    pub fn root(&self) -> Arc<Node> {
+        self.edge.child()
+    }
+
+    /// The edge from this backend to its root.
+    pub fn edge(&self) -> &Arc<Edge> {
+        &self.edge
+    }
+
+    /// This backend as a graph user.
+    pub fn as_user(&self) -> Arc<dyn User> {
+        self.inner.clone()
     }
 
     /// The IoThreads serving this backend.
@@ -66,7 +230,7 @@ impl Backend {
 
     /// Length of the device in bytes.
     pub fn len(&self) -> u64 {
-        self.inner.root.len()
+        self.root().len()
     }
 
     /// Whether the device has no bytes.
@@ -74,8 +238,23 @@ impl Backend {
         self.len() == 0
     }
 
-    fn check(&self, offset: u64, len: u64) -> io::Result<()> {
-        let size = self.len();
+    /// Requests in flight through this backend.
+    pub fn in_flight(&self) -> u64 {
+        self.inner.in_flight.sum()
+    }
+
+    /// Requests held so far by drains (a counter, for reports and tests).
+    pub fn held_total(&self) -> u64 {
+        self.inner.held_total.load(Ordering::Relaxed)
+    }
+
+    /// Whether a drain holds this backend now.
+    pub fn is_drained(&self) -> bool {
+        self.inner.quiesce.load(Ordering::SeqCst) > 0
+    }
+
+    fn check(&self, root: &Node, offset: u64, len: u64) -> io::Result<()> {
+        let size = root.len();
         match offset.checked_add(len) {
             Some(end) if end <= size => Ok(()),
             _ => Err(out_of_range(offset, len, size)),
@@ -83,33 +262,57 @@ impl Backend {
     }
 
     /// Whether the caller is on one of this backend's IoThreads.
-    fn on_own_thread(&self) -> bool {
-        match iothreads::current_index() {
-            Some(i) => self.inner.threads.iter().any(|t| t.index() == i),
-            None => false,
-        }
+    fn on_own_thread(&self) -> Option<usize> {
+        let i = iothreads::current_index()?;
+        self.inner
+            .threads
+            .iter()
+            .any(|t| t.index() == i)
+            .then_some(i)
     }
 
     /// The IoThread that serves requests from the calling thread.
     fn route(&self) -> &IoThreadHandle {
         let n = self.inner.threads.len();
-        if n == 1 {
-            return &self.inner.threads[0];
-        }
         &self.inner.threads[submitter_id() % n]
+    }
+
+    /// Enters the backend on IoThread `t`: waits while drained (if holding), then counts the
+    /// request in flight until the guard drops.
+    async fn enter(&self, t: usize) -> Entered<'_> {
+        let inner = &*self.inner;
+        if inner.held[t].len.load(Ordering::SeqCst) == 0 {
+            inner.in_flight.inc(t);
+            fence(Ordering::SeqCst);
+            if !inner.holding || inner.quiesce.load(Ordering::SeqCst) == 0 {
+                return Entered { inner, t };
+            }
+            inner.in_flight.dec(t);
+            fence(Ordering::SeqCst);
+            drain_event().notify();
+        }
+        inner.held_total.fetch_add(1, Ordering::Relaxed);
+        Held::new(inner, t).await;
+        Entered { inner, t }
     }
 
     /// Reads `buf.len()` bytes at `offset`.
     pub async fn read(&self, offset: u64, buf: IoBuf) -> BufResult<()> {
-        if let Err(e) = self.check(offset, buf.len() as u64) {
+        let Some(t) = self.on_own_thread() else {
+            let me = self.clone();
+            return lost_buffer(
+                self.route()
+                    .spawn_with(move || async move { me.read(offset, buf).await })
+                    .await,
+            );
+        };
+        iothreads::coop_yield().await;
+        let _in = self.enter(t).await;
+        let root = self.root();
+        if let Err(e) = self.check(&root, offset, buf.len() as u64) {
             return (Err(e), buf);
         }
-        if !self.on_own_thread() {
-            let me = self.clone();
-            return lost_buffer(self.route().spawn_with(move || async move { me.read(offset, buf).await }).await);
-        }
-        iothreads::coop_yield().await;
-        self.inner.root.read(offset, buf).await
+        root.read(offset, buf).await
     }
 
     /// Writes `buf` at `offset`.
@@ -119,69 +322,186 @@ impl Backend {
 
     /// Writes `buf` at `offset` with `flags` (FUA).
     pub async fn write_with(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult<()> {
-        if let Err(e) = self.check(offset, buf.len() as u64) {
-            return (Err(e), buf);
-        }
-        if !self.on_own_thread() {
+        let Some(t) = self.on_own_thread() else {
             let me = self.clone();
             return lost_buffer(
-                self.route().spawn_with(move || async move { me.write_with(offset, buf, flags).await }).await,
+                self.route()
+                    .spawn_with(move || async move { me.write_with(offset, buf, flags).await })
+                    .await,
             );
-        }
+        };
         iothreads::coop_yield().await;
-        self.inner.root.write(offset, buf, flags).await
+        let _in = self.enter(t).await;
+        let root = self.root();
+        if let Err(e) = self.check(&root, offset, buf.len() as u64) {
+            return (Err(e), buf);
+        }
+        root.write(offset, buf, flags).await
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
-        self.check(offset, len)?;
-        if !self.on_own_thread() {
+        let Some(t) = self.on_own_thread() else {
             let me = self.clone();
             return self
                 .route()
                 .spawn_with(move || async move { me.write_zeroes(offset, len, flags).await })
                 .await?;
-        }
+        };
         iothreads::coop_yield().await;
-        self.inner.root.write_zeroes(offset, len, flags).await
+        let _in = self.enter(t).await;
+        let root = self.root();
+        self.check(&root, offset, len)?;
+        root.write_zeroes(offset, len, flags).await
     }
 
     /// Discards `len` bytes at `offset`.
     pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
-        self.check(offset, len)?;
-        if !self.on_own_thread() {
+        let Some(t) = self.on_own_thread() else {
             let me = self.clone();
-            return self.route().spawn_with(move || async move { me.discard(offset, len).await }).await?;
-        }
+            return self
+                .route()
+                .spawn_with(move || async move { me.discard(offset, len).await })
+                .await?;
+        };
         iothreads::coop_yield().await;
-        self.inner.root.discard(offset, len).await
+        let _in = self.enter(t).await;
+        let root = self.root();
+        self.check(&root, offset, len)?;
+        root.discard(offset, len).await
     }
 
     /// Makes every completed write durable.
     pub async fn flush(&self) -> io::Result<()> {
-        if !self.on_own_thread() {
+        let Some(t) = self.on_own_thread() else {
             let me = self.clone();
-            return self.route().spawn_with(move || async move { me.flush().await }).await?;
-        }
-        self.inner.root.flush().await
+            return self
+                .route()
+                .spawn_with(move || async move { me.flush().await })
+                .await?;
+        };
+        let _in = self.enter(t).await;
+        self.root().flush().await
     }
 
     /// Blocking read for callers outside any async runtime (tests, tools).
     pub fn read_blocking(&self, offset: u64, buf: IoBuf) -> BufResult<()> {
         let me = self.clone();
-        lost_buffer(self.route().block_on(move || async move { me.read(offset, buf).await }))
+        lost_buffer(
+            self.route()
+                .block_on(move || async move { me.read(offset, buf).await }),
+        )
     }
 
     /// Blocking write for callers outside any async runtime (tests, tools).
     pub fn write_blocking(&self, offset: u64, buf: IoBuf) -> BufResult<()> {
         let me = self.clone();
-        lost_buffer(self.route().block_on(move || async move { me.write(offset, buf).await }))
+        lost_buffer(
+            self.route()
+                .block_on(move || async move { me.write(offset, buf).await }),
+        )
     }
 
     /// Blocking flush.
     pub fn flush_blocking(&self) -> io::Result<()> {
         let me = self.clone();
-        self.route().block_on(move || async move { me.flush().await })?
+        self.route()
+            .block_on(move || async move { me.flush().await })?
+    }
+}
+
+/// A request counted in flight in a backend.
+struct Entered<'a> {
+    inner: &'a Inner,
+    t: usize,
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        self.inner.in_flight.dec(self.t);
+        fence(Ordering::SeqCst);
+        if self.inner.quiesce.load(Ordering::SeqCst) > 0 {
+            drain_event().notify();
+        }
+    }
+}
+
+/// A request waiting in its IoThread's FIFO. Resolves once it is at the head, the backend is
+/// not drained, and it has been counted in flight (the caller then owns one in-flight unit).
+struct Held<'a> {
+    inner: &'a Inner,
+    t: usize,
+    ticket: Option<u64>,
+}
+
+impl<'a> Held<'a> {
+    fn new(inner: &'a Inner, t: usize) -> Self {
+        Held {
+            inner,
+            t,
+            ticket: None,
+        }
+    }
+}
+
+impl Future for Held<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let inner = self.inner;
+        let slot = &inner.held[self.t];
+        let mut q = slot.queue.lock();
+        let ticket = match self.ticket {
+            Some(t) => t,
+            None => {
+                let t = q.next_ticket;
+                q.next_ticket += 1;
+                q.queue.push_back((t, Some(cx.waker().clone())));
+                slot.len.fetch_add(1, Ordering::SeqCst);
+                self.ticket = Some(t);
+                t
+            }
+        };
+        let at_head = q.queue.front().is_some_and(|(t, _)| *t == ticket);
+        if at_head && inner.quiesce.load(Ordering::SeqCst) == 0 {
+            // Try to enter: count in flight, fence, and check the drain again.
+            inner.in_flight.inc(self.t);
+            fence(Ordering::SeqCst);
+            if inner.quiesce.load(Ordering::SeqCst) == 0 {
+                q.queue.pop_front();
+                slot.len.fetch_sub(1, Ordering::SeqCst);
+                self.ticket = None;
+                // Let the next held request follow.
+                if let Some((_, Some(w))) = q.queue.front() {
+                    w.wake_by_ref();
+                }
+                return Poll::Ready(());
+            }
+            inner.in_flight.dec(self.t);
+            fence(Ordering::SeqCst);
+            drain_event().notify();
+        }
+        if let Some(e) = q.queue.iter_mut().find(|(t, _)| *t == ticket) {
+            e.1 = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+}
+
+impl Drop for Held<'_> {
+    fn drop(&mut self) {
+        let Some(ticket) = self.ticket else { return };
+        let slot = &self.inner.held[self.t];
+        let mut q = slot.queue.lock();
+        if let Some(i) = q.queue.iter().position(|(t, _)| *t == ticket) {
+            q.queue.remove(i);
+            slot.len.fetch_sub(1, Ordering::SeqCst);
+            if i == 0 && self.inner.quiesce.load(Ordering::SeqCst) == 0 {
+                if let Some((_, Some(w))) = q.queue.front() {
+                    w.wake_by_ref();
+                }
+            }
+        }
     }
 }
 

@@ -10,12 +10,18 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{pattern_at, qemu_tool, Scratch};
+use common::{pattern_at, qemu_tool, uniq, Scratch};
 use engine::drivers::file::{self, Aio, FileDriver, FileOptions, Locking};
 use engine::{Backend, ErrorKind, IoBuf, IoThread, Node, ZeroFlags};
 
 fn backend(node: Arc<Node>, t: &IoThread) -> Backend {
     Backend::new(node, &[t.handle()]).unwrap()
+}
+
+/// Opens `opts` and attaches a backend (which takes the permissions, hence the locks).
+fn open_used(name: &str, opts: &FileOptions, t: &IoThread) -> Result<Backend, engine::Error> {
+    let node = file::open(name, opts)?;
+    Backend::new(node, &[t.handle()])
 }
 
 fn driver(node: &Node) -> &FileDriver {
@@ -26,12 +32,15 @@ fn driver(node: &Node) -> &FileDriver {
 fn buffered_read_write_round_trip() {
     let f = Scratch::new("rw").with_pattern(1 << 20);
     let t = IoThread::new().unwrap();
-    let node = file::open("f0", &FileOptions::new(&f.0)).unwrap();
+    let node = file::open(&uniq("f0"), &FileOptions::new(&f.0)).unwrap();
     let b = backend(node, &t);
     assert_eq!(b.len(), 1 << 20);
     let (r, buf) = b.read_blocking(1000, IoBuf::new(3000));
     r.unwrap();
-    assert!(buf.iter().enumerate().all(|(i, &x)| x == pattern_at(1000 + i)));
+    assert!(buf
+        .iter()
+        .enumerate()
+        .all(|(i, &x)| x == pattern_at(1000 + i)));
     let (r, _) = b.write_blocking(5, IoBuf::from_slice(b"hello"));
     r.unwrap();
     b.flush_blocking().unwrap();
@@ -45,7 +54,10 @@ fn buffered_read_write_round_trip() {
 fn requests_past_the_end_are_refused() {
     let f = Scratch::new("range").with_pattern(4096);
     let t = IoThread::new().unwrap();
-    let b = backend(file::open("f0", &FileOptions::new(&f.0)).unwrap(), &t);
+    let b = backend(
+        file::open(&uniq("f0"), &FileOptions::new(&f.0)).unwrap(),
+        &t,
+    );
     let (r, _) = b.read_blocking(4000, IoBuf::new(200));
     let e = r.unwrap_err();
     assert_eq!(e.kind(), std::io::ErrorKind::InvalidInput);
@@ -53,14 +65,17 @@ fn requests_past_the_end_are_refused() {
 }
 
 fn direct_opts(f: &Scratch) -> FileOptions {
-    FileOptions { direct: true, ..FileOptions::new(&f.0) }
+    FileOptions {
+        direct: true,
+        ..FileOptions::new(&f.0)
+    }
 }
 
 #[test]
 fn direct_io_on_disk_takes_statx_alignment_and_pads() {
     let f = Scratch::new_in("/var/tmp", "direct").with_pattern(64 * 1024);
     let t = IoThread::new().unwrap();
-    let node = match file::open("d0", &direct_opts(&f)) {
+    let node = match file::open(&uniq("d0"), &direct_opts(&f)) {
         Ok(n) => n,
         Err(e) if e.kind() == ErrorKind::Unsupported => {
             eprintln!("skipping: /var/tmp has no O_DIRECT: {e}");
@@ -69,13 +84,19 @@ fn direct_io_on_disk_takes_statx_alignment_and_pads() {
         Err(e) => panic!("{e:?}"),
     };
     let (mem, off) = driver(&node).alignment();
-    assert!(off >= 512 && off.is_power_of_two(), "offset alignment {off}");
+    assert!(
+        off >= 512 && off.is_power_of_two(),
+        "offset alignment {off}"
+    );
     assert!(mem >= 1 && mem.is_power_of_two());
     let b = backend(node, &t);
     // Unaligned read (offset, length, and buffer address).
     let (r, buf) = b.read_blocking(777, IoBuf::new(10_000).slice(3..5003));
     r.unwrap();
-    assert!(buf.iter().enumerate().all(|(i, &x)| x == pattern_at(777 + i)));
+    assert!(buf
+        .iter()
+        .enumerate()
+        .all(|(i, &x)| x == pattern_at(777 + i)));
     // Unaligned write: read-modify-write keeps the neighbours.
     let (r, _) = b.write_blocking(4090, IoBuf::from_slice(&[0xEE; 20]));
     r.unwrap();
@@ -94,7 +115,7 @@ fn concurrent_unaligned_writes_to_shared_blocks_lose_nothing() {
     // Each piece is padded by read-modify-write; without serialisation pieces would be lost.
     let f = Scratch::new_in("/var/tmp", "rmw").with_pattern(64 * 1024);
     let (t1, t2) = (IoThread::new().unwrap(), IoThread::new().unwrap());
-    let node = match file::open("d0", &direct_opts(&f)) {
+    let node = match file::open(&uniq("d0"), &direct_opts(&f)) {
         Ok(n) => n,
         Err(e) if e.kind() == ErrorKind::Unsupported => {
             eprintln!("skipping: /var/tmp has no O_DIRECT: {e}");
@@ -110,7 +131,9 @@ fn concurrent_unaligned_writes_to_shared_blocks_lose_nothing() {
             for i in (parity..600).step_by(2) {
                 let b = b.clone();
                 hs.push(iothreads::spawn_local(async move {
-                    let (r, _) = b.write(i * 100, IoBuf::from_slice(&[(i % 200) as u8 + 1; 100])).await;
+                    let (r, _) = b
+                        .write(i * 100, IoBuf::from_slice(&[(i % 200) as u8 + 1; 100]))
+                        .await;
                     r.unwrap();
                 }));
             }
@@ -127,7 +150,10 @@ fn concurrent_unaligned_writes_to_shared_blocks_lose_nothing() {
     let data = std::fs::read(&f.0).unwrap();
     for i in 0..600usize {
         let want = (i % 200) as u8 + 1;
-        assert!(data[i * 100..i * 100 + 100].iter().all(|&x| x == want), "piece {i} lost");
+        assert!(
+            data[i * 100..i * 100 + 100].iter().all(|&x| x == want),
+            "piece {i} lost"
+        );
     }
     assert_eq!(data[60_000], pattern_at(60_000));
 }
@@ -138,13 +164,15 @@ fn writes_past_the_end_grow_the_file_exactly() {
         let f = Scratch::new_in(dir, "grow").with_pattern(1000);
         let t = IoThread::new().unwrap();
         let opts = direct_opts(&f);
-        let node = match file::open("g", &opts) {
+        let node = match file::open(&uniq("g"), &opts) {
             Ok(n) => n,
-            Err(_) => file::open("g", &FileOptions::new(&f.0)).unwrap(),
+            Err(_) => file::open(&uniq("g"), &FileOptions::new(&f.0)).unwrap(),
         };
         let n2 = node.clone();
         t.block_on(move || async move {
-            let (r, _) = n2.write(1500, IoBuf::from_slice(&[7; 100]), Default::default()).await;
+            let (r, _) = n2
+                .write(1500, IoBuf::from_slice(&[7; 100]), Default::default())
+                .await;
             r.unwrap();
         })
         .unwrap();
@@ -161,15 +189,29 @@ fn writes_past_the_end_grow_the_file_exactly() {
 fn write_zeroes_and_discard() {
     let f = Scratch::new("zero").with_pattern(1 << 20);
     let t = IoThread::new().unwrap();
-    let opts = FileOptions { discard: file::Discard::Unmap, ..FileOptions::new(&f.0) };
-    let b = backend(file::open("z", &opts).unwrap(), &t);
+    let opts = FileOptions {
+        discard: file::Discard::Unmap,
+        ..FileOptions::new(&f.0)
+    };
+    let b = backend(file::open(&uniq("z"), &opts).unwrap(), &t);
     let b2 = b.clone();
     t.block_on(move || async move {
-        b2.write_zeroes(4096, 8192, ZeroFlags::default()).await.unwrap();
-        b2.write_zeroes(65536, 65536, ZeroFlags { may_unmap: true, ..Default::default() })
+        b2.write_zeroes(4096, 8192, ZeroFlags::default())
             .await
             .unwrap();
-        b2.write_zeroes(100, 50, ZeroFlags::default()).await.unwrap();
+        b2.write_zeroes(
+            65536,
+            65536,
+            ZeroFlags {
+                may_unmap: true,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        b2.write_zeroes(100, 50, ZeroFlags::default())
+            .await
+            .unwrap();
         b2.discard(262144, 65536).await.unwrap();
         b2.flush().await.unwrap();
     })
@@ -181,53 +223,88 @@ fn write_zeroes_and_discard() {
     assert_eq!(data[99], pattern_at(99));
     assert_eq!(data[150], pattern_at(150));
     assert_eq!(data[12288], pattern_at(12288));
-    assert!(data[262144..327680].iter().all(|&x| x == 0), "discard=unmap punches a hole");
+    assert!(
+        data[262144..327680].iter().all(|&x| x == 0),
+        "discard=unmap punches a hole"
+    );
 }
 
 #[test]
 fn io_mode_is_inline_only_for_tmpfs_without_nowait() {
     let shm = Scratch::new_in("/dev/shm", "mode").with_pattern(8192);
     let disk = Scratch::new_in("/var/tmp", "mode").with_pattern(8192);
-    let n1 = file::open("a", &FileOptions::new(&shm.0)).unwrap();
-    let n2 = file::open("b", &FileOptions::new(&disk.0)).unwrap();
-    assert!(driver(&n1).is_inline(), "tmpfs has no RWF_NOWAIT: plain syscalls");
-    assert!(!driver(&n2).is_inline(), "ext4 buffered reads support RWF_NOWAIT: ring");
-    let n3 = file::open("c", &FileOptions { aio: Aio::IoUring, ..FileOptions::new(&shm.0) });
-    // Same file opened twice in one process: the second read-write opener conflicts.
-    assert_eq!(n3.unwrap_err().kind(), ErrorKind::PermissionConflict);
-    drop(n1);
-    let n3 = file::open("c", &FileOptions { aio: Aio::IoUring, ..FileOptions::new(&shm.0) }).unwrap();
-    assert!(!driver(&n3).is_inline());
-    // Both modes read the same bytes.
     let t = IoThread::new().unwrap();
-    let (r, buf) = backend(n3, &t).read_blocking(10, IoBuf::new(100));
+    let b1 = open_used(&uniq("a"), &FileOptions::new(&shm.0), &t).unwrap();
+    let n2 = file::open(&uniq("b"), &FileOptions::new(&disk.0)).unwrap();
+    assert!(
+        driver(&b1.root()).is_inline(),
+        "tmpfs has no RWF_NOWAIT: plain syscalls"
+    );
+    assert!(
+        !driver(&n2).is_inline(),
+        "ext4 buffered reads support RWF_NOWAIT: ring"
+    );
+    let opts3 = FileOptions {
+        aio: Aio::IoUring,
+        ..FileOptions::new(&shm.0)
+    };
+    // Same file used twice in one process: the second writer conflicts.
+    let e = open_used(&uniq("c"), &opts3, &t).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionConflict);
+    drop(b1);
+    let b3 = open_used(&uniq("c"), &opts3, &t).unwrap();
+    assert!(!driver(&b3.root()).is_inline());
+    // Both modes read the same bytes.
+    let (r, buf) = b3.read_blocking(10, IoBuf::new(100));
     r.unwrap();
-    assert!(buf.iter().enumerate().all(|(i, &x)| x == pattern_at(10 + i)));
+    assert!(buf
+        .iter()
+        .enumerate()
+        .all(|(i, &x)| x == pattern_at(10 + i)));
 }
 
 #[test]
 fn registered_files_work_and_release_locks_on_close() {
     let f = Scratch::new("regf").with_pattern(65536);
-    let opts = iothreads::IoThreadOptions { registered_files: 4, ..Default::default() };
+    let opts = iothreads::IoThreadOptions {
+        registered_files: 4,
+        ..Default::default()
+    };
     let t = IoThread::with_options(opts).unwrap();
-    let node = file::open("r", &FileOptions { aio: Aio::IoUring, ..FileOptions::new(&f.0) }).unwrap();
-    let b = backend(node, &t);
+    let opts = FileOptions {
+        aio: Aio::IoUring,
+        ..FileOptions::new(&f.0)
+    };
+    let b = open_used(&uniq("r"), &opts, &t).unwrap();
     let (r, buf) = b.read_blocking(100, IoBuf::new(100));
     r.unwrap();
     assert_eq!(buf[0], pattern_at(100));
     drop(b);
-    // The lock is gone as soon as the node is: another read-write opener succeeds.
-    file::open("again", &FileOptions::new(&f.0)).unwrap();
+    // The lock is gone as soon as the node is: another writer succeeds.
+    open_used(&uniq("again"), &FileOptions::new(&f.0), &t).unwrap();
 }
 
 #[test]
 fn missing_file_and_bad_type_are_clear_errors() {
-    let e = file::open("m", &FileOptions::new("/nonexistent/strata-nope")).unwrap_err();
+    let e = file::open(&uniq("m"), &FileOptions::new("/nonexistent/strata-nope")).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::NotFound);
-    assert!(e.full_message().starts_with("Could not open '/nonexistent/strata-nope'"), "{e:?}");
-    let e = file::open("d", &FileOptions { read_only: true, ..FileOptions::new("/tmp") })
-        .unwrap_err();
-    assert!(e.full_message().contains("Could not open") || e.full_message().contains("not a regular file"));
+    assert!(
+        e.full_message()
+            .starts_with("Could not open '/nonexistent/strata-nope'"),
+        "{e:?}"
+    );
+    let e = file::open(
+        &uniq("d"),
+        &FileOptions {
+            read_only: true,
+            ..FileOptions::new("/tmp")
+        },
+    )
+    .unwrap_err();
+    assert!(
+        e.full_message().contains("Could not open")
+            || e.full_message().contains("not a regular file")
+    );
 }
 
 // ---- image locking against QEMU ----
@@ -243,7 +320,13 @@ fn byte_locked(path: &str, byte: i64) -> bool {
         l_pid: 0,
     };
     // SAFETY: F_OFD_GETLK fills the flock we pass.
-    let r = unsafe { libc::fcntl(f.as_raw_fd(), libc::F_OFD_GETLK, &mut fl as *mut libc::flock) };
+    let r = unsafe {
+        libc::fcntl(
+            f.as_raw_fd(),
+            libc::F_OFD_GETLK,
+            &mut fl as *mut libc::flock,
+        )
+    };
     assert_eq!(r, 0);
     fl.l_type != libc::F_UNLCK as i16
 }
@@ -278,82 +361,164 @@ fn stop(mut child: Child) {
 
 #[test]
 fn strata_writer_locks_out_qemu() {
-    let Some(qemu_io) = qemu_tool("qemu-io") else { return };
-    let Some(qemu_img) = qemu_tool("qemu-img") else { return };
+    let Some(qemu_io) = qemu_tool("qemu-io") else {
+        return;
+    };
+    let Some(qemu_img) = qemu_tool("qemu-img") else {
+        return;
+    };
     let f = Scratch::new("lock1").with_pattern(1 << 20);
-    let node = file::open("w", &FileOptions::new(&f.0)).unwrap();
-    // The bytes QEMU's read-write opener takes: 100, 101, 103 held; 201, 203 not shared.
-    for b in [100, 101, 103, 201, 203] {
+    let t = IoThread::new().unwrap();
+    let node = file::open(&uniq("w"), &FileOptions::new(&f.0)).unwrap();
+    // An opened node with no users takes nothing, as in QEMU.
+    assert!(!byte_locked(f.path(), 100));
+    let node = Backend::new(node, &[t.handle()]).unwrap();
+    // What QEMU's guest device takes: consistent read and write (100, 101); it shares
+    // neither write nor resize (201, 203).
+    for b in [100, 101, 201, 203] {
         assert!(byte_locked(f.path(), b), "byte {b}");
     }
-    for b in [102, 200, 202] {
+    for b in [102, 103, 200, 202] {
         assert!(!byte_locked(f.path(), b), "byte {b}");
     }
-    let out = Command::new(qemu_io).args(["-f", "raw", "-c", "write 0 4k", f.path()]).output().unwrap();
+    let out = Command::new(qemu_io)
+        .args(["-f", "raw", "-c", "write 0 4k", f.path()])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success() || err.contains("lock"), "qemu-io wrote: {err}");
+    assert!(
+        !out.status.success() || err.contains("lock"),
+        "qemu-io wrote: {err}"
+    );
     assert!(err.contains("Failed to get \"write\" lock"), "{err}");
-    let out = Command::new(qemu_img).args(["resize", "-f", "raw", f.path(), "2M"]).output().unwrap();
+    let out = Command::new(qemu_img)
+        .args(["resize", "-f", "raw", f.path(), "2M"])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "qemu-img resize must be refused while strata writes");
+    assert!(
+        !out.status.success(),
+        "qemu-img resize must be refused while strata writes"
+    );
     assert!(err.contains("Failed to get \"write\" lock"), "{err}");
     // QEMU's raw reader shares everything, so `qemu-img info -f raw` still works.
-    let out = Command::new(qemu_img).args(["info", "-f", "raw", f.path()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(qemu_img)
+        .args(["info", "-f", "raw", f.path()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     drop(node);
-    let out = Command::new(qemu_io).args(["-f", "raw", "-c", "write 0 4k", f.path()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(qemu_io)
+        .args(["-f", "raw", "-c", "write 0 4k", f.path()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
 fn qemu_writer_locks_out_strata() {
-    let Some(qemu_io) = qemu_tool("qemu-io") else { return };
+    let Some(qemu_io) = qemu_tool("qemu-io") else {
+        return;
+    };
     let f = Scratch::new("lock2").with_pattern(1 << 20);
     let child = qemu_io_holding(qemu_io, f.path(), false);
-    let e = file::open("w", &FileOptions::new(&f.0)).unwrap_err();
+    let t = IoThread::new().unwrap();
+    let e = open_used(&uniq("w"), &FileOptions::new(&f.0), &t).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionConflict);
     assert!(
-        e.message().starts_with("Failed to get shared \"write\" lock"),
+        e.message()
+            .starts_with("Failed to get shared \"write\" lock"),
         "strata must refuse to share write with a QEMU writer: {e:?}"
     );
     assert!(e.message().contains(f.path()));
-    let e = file::open("r", &FileOptions { read_only: true, ..FileOptions::new(&f.0) }).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::PermissionConflict, "a consistent reader unshares write");
+    let ro = FileOptions {
+        read_only: true,
+        ..FileOptions::new(&f.0)
+    };
+    let e = open_used(&uniq("r"), &ro, &t).unwrap_err();
+    assert_eq!(
+        e.kind(),
+        ErrorKind::PermissionConflict,
+        "a consistent reader unshares write"
+    );
     // With locking off the user takes responsibility.
-    file::open("x", &FileOptions { locking: Locking::Off, ..FileOptions::new(&f.0) }).unwrap();
+    open_used(
+        &uniq("x"),
+        &FileOptions {
+            locking: Locking::Off,
+            ..FileOptions::new(&f.0)
+        },
+        &t,
+    )
+    .unwrap();
     stop(child);
-    file::open("w", &FileOptions::new(&f.0)).unwrap();
+    open_used(&uniq("w"), &FileOptions::new(&f.0), &t).unwrap();
 }
 
 #[test]
 fn qemu_img_info_of_a_qcow2_is_refused_while_strata_writes_its_file() {
-    let Some(qemu_img) = qemu_tool("qemu-img") else { return };
+    let Some(qemu_img) = qemu_tool("qemu-img") else {
+        return;
+    };
     let f = Scratch::new("lock5");
-    let out = Command::new(qemu_img).args(["create", "-f", "qcow2", f.path(), "1M"]).output().unwrap();
+    let out = Command::new(qemu_img)
+        .args(["create", "-f", "qcow2", f.path(), "1M"])
+        .output()
+        .unwrap();
     assert!(out.status.success());
-    let node = file::open("w", &FileOptions::new(&f.0)).unwrap();
+    let t = IoThread::new().unwrap();
+    let node = open_used(&uniq("w"), &FileOptions::new(&f.0), &t).unwrap();
     // A qcow2 reader does not share write: it must not read metadata someone else changes.
-    let out = Command::new(qemu_img).args(["info", f.path()]).output().unwrap();
+    let out = Command::new(qemu_img)
+        .args(["info", f.path()])
+        .output()
+        .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("Failed to get shared \"write\" lock"), "{err}");
     drop(node);
-    let out = Command::new(qemu_img).args(["info", f.path()]).output().unwrap();
+    let out = Command::new(qemu_img)
+        .args(["info", f.path()])
+        .output()
+        .unwrap();
     assert!(out.status.success());
 }
 
 #[test]
 fn readers_share_with_readers() {
-    let Some(qemu_io) = qemu_tool("qemu-io") else { return };
-    let Some(qemu_img) = qemu_tool("qemu-img") else { return };
+    let Some(qemu_io) = qemu_tool("qemu-io") else {
+        return;
+    };
+    let Some(qemu_img) = qemu_tool("qemu-img") else {
+        return;
+    };
     let f = Scratch::new("lock3").with_pattern(1 << 20);
     let child = qemu_io_holding(qemu_io, f.path(), true);
-    let ro = FileOptions { read_only: true, ..FileOptions::new(&f.0) };
-    let node = file::open("r", &ro).unwrap();
-    let out = Command::new(qemu_img).args(["info", "-f", "raw", f.path()]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let t = IoThread::new().unwrap();
+    let ro = FileOptions {
+        read_only: true,
+        ..FileOptions::new(&f.0)
+    };
+    let node = open_used(&uniq("r"), &ro, &t).unwrap();
+    let out = Command::new(qemu_img)
+        .args(["info", "-f", "raw", f.path()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     // A writer is refused while readers are there.
-    let e = file::open("w", &FileOptions::new(&f.0)).unwrap_err();
+    let e = open_used(&uniq("w"), &FileOptions::new(&f.0), &t).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionConflict);
     stop(child);
     drop(node);
@@ -362,21 +527,36 @@ fn readers_share_with_readers() {
 #[test]
 fn changing_permissions_moves_locks_without_a_window() {
     let f = Scratch::new("lock4").with_pattern(4096);
-    let node = file::open("p", &FileOptions::new(&f.0)).unwrap();
+    let node = file::open(&uniq("p"), &FileOptions::new(&f.0)).unwrap();
     let d = node.driver();
+    d.set_perms(
+        engine::Perm::CONSISTENT_READ | engine::Perm::WRITE,
+        engine::Perm::ALL,
+    )
+    .unwrap();
+    assert!(byte_locked(f.path(), 101));
     // Down to read-only: write bytes released, read kept.
-    d.set_perms(engine::Perm::CONSISTENT_READ, engine::Perm::ALL).unwrap();
+    d.set_perms(engine::Perm::CONSISTENT_READ, engine::Perm::ALL)
+        .unwrap();
     assert!(byte_locked(f.path(), 100));
     assert!(!byte_locked(f.path(), 101));
     assert!(!byte_locked(f.path(), 201));
-    // A second opener now takes write and unshares write.
-    let other = file::open("q", &FileOptions::new(&f.0)).unwrap();
+    // A second user now takes write and unshares write.
+    let t = IoThread::new().unwrap();
+    let other = open_used(&uniq("q"), &FileOptions::new(&f.0), &t).unwrap();
     // Back up to write conflicts, and the failed attempt leaves the old locks exactly.
-    let e = d.set_perms(engine::Perm::CONSISTENT_READ | engine::Perm::WRITE, engine::Perm::ALL);
+    let e = d.set_perms(
+        engine::Perm::CONSISTENT_READ | engine::Perm::WRITE,
+        engine::Perm::ALL,
+    );
     assert_eq!(e.unwrap_err().kind(), ErrorKind::PermissionConflict);
     drop(other);
     assert!(byte_locked(f.path(), 100));
     assert!(!byte_locked(f.path(), 101));
-    d.set_perms(engine::Perm::CONSISTENT_READ | engine::Perm::WRITE, engine::Perm::ALL).unwrap();
+    d.set_perms(
+        engine::Perm::CONSISTENT_READ | engine::Perm::WRITE,
+        engine::Perm::ALL,
+    )
+    .unwrap();
     assert!(byte_locked(f.path(), 101));
 }

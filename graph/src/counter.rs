@@ -28,7 +28,11 @@ impl PerThreadCounter {
 
     /// A counter with `n` slots (tests use few).
     pub fn with_slots(n: usize) -> Self {
-        PerThreadCounter { slots: (0..n).map(|_| CachePadded::new(AtomicU64::new(0))).collect() }
+        PerThreadCounter {
+            slots: (0..n)
+                .map(|_| CachePadded::new(AtomicU64::new(0)))
+                .collect(),
+        }
     }
 
     /// Adds one to the slot of IoThread `t`.
@@ -46,7 +50,10 @@ impl PerThreadCounter {
     /// The sum of all slots. Each slot only goes up and down by its own thread, so a slot read
     /// is never below zero; the sum is exact when no one counts meanwhile.
     pub fn sum(&self) -> u64 {
-        self.slots.iter().map(|s| s.load(Ordering::Acquire)).fold(0, u64::wrapping_add)
+        self.slots
+            .iter()
+            .map(|s| s.load(Ordering::Acquire))
+            .fold(0, u64::wrapping_add)
     }
 
     /// The slot of IoThread `t`.

@@ -11,6 +11,7 @@ use std::pin::Pin;
 
 use iothreads::{BufResult, IoBuf};
 
+use crate::edge::Role;
 use crate::error::Result;
 use crate::node::Node;
 use crate::perm::Perm;
@@ -42,11 +43,15 @@ pub trait Driver: Any + Send + Sync + 'static {
     fn driver_name(&self) -> &'static str;
 
     /// The node's length in bytes.
-    fn len(&self) -> u64;
+    fn length(&self) -> u64;
 
     /// Reads `buf.len()` bytes at `offset` into `buf`'s window.
-    fn read<'a>(&'a self, node: &'a Node, offset: u64, buf: IoBuf)
-        -> LocalBoxFuture<'a, BufResult<()>>;
+    fn read<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        buf: IoBuf,
+    ) -> LocalBoxFuture<'a, BufResult<()>>;
 
     /// Writes `buf`'s window at `offset`.
     fn write<'a>(
@@ -68,8 +73,12 @@ pub trait Driver: Any + Send + Sync + 'static {
 
     /// Tells the storage that `len` bytes at `offset` are no longer needed (their content is
     /// then unspecified).
-    fn discard<'a>(&'a self, node: &'a Node, offset: u64, len: u64)
-        -> LocalBoxFuture<'a, io::Result<()>>;
+    fn discard<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'a, io::Result<()>>;
 
     /// Makes every completed write durable.
     fn flush<'a>(&'a self, node: &'a Node) -> LocalBoxFuture<'a, io::Result<()>>;
@@ -79,6 +88,37 @@ pub trait Driver: Any + Send + Sync + 'static {
     /// external state accept anything.
     fn set_perms(&self, _perm: Perm, _shared: Perm) -> Result<()> {
         Ok(())
+    }
+
+    /// What this node takes and shares on its child in `role`, given what its own parents
+    /// take (`perm`) and share (`shared`) and whether it is read-only. The default is QEMU's
+    /// for data children: filtered and file children pass the parents' needs through, backing
+    /// children are only read.
+    fn child_perms(&self, role: Role, perm: Perm, shared: Perm, read_only: bool) -> (Perm, Perm) {
+        default_child_perms(role, perm, shared, read_only)
+    }
+
+    /// Whether the node is a filter: one `filtered` child whose data it shows unchanged.
+    fn is_filter(&self) -> bool {
+        false
+    }
+
+    /// Prepares a switch between read-only and read-write (e.g. reopening a file with the other
+    /// access mode). Nothing is visible until `reopen_commit`; `reopen_abort` undoes it.
+    fn reopen_prepare(&self, _read_only: bool) -> Result<()> {
+        Ok(())
+    }
+
+    /// Makes a prepared reopen take effect.
+    fn reopen_commit(&self) {}
+
+    /// Drops a prepared reopen.
+    fn reopen_abort(&self) {}
+
+    /// Closes the node's state asynchronously before the driver is dropped (flush caches,
+    /// clear dirty flags). Runs on an IoThread, called by the closer.
+    fn close<'a>(&'a self) -> LocalBoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async { Ok(()) })
     }
 
     /// Whether an offset/length must be a multiple of this for requests to go straight to the
@@ -91,4 +131,35 @@ pub trait Driver: Any + Send + Sync + 'static {
     fn filename(&self) -> Option<&str> {
         None
     }
+}
+
+/// QEMU's default child permissions for data children (`bdrv_default_perms` for filtered and
+/// data-only file children, `bdrv_default_perms_for_cow` for backing children).
+pub fn default_child_perms(role: Role, perm: Perm, shared: Perm, _read_only: bool) -> (Perm, Perm) {
+    match role {
+        Role::Backing => {
+            let p = perm & Perm::CONSISTENT_READ;
+            let mut s = if shared.contains(Perm::WRITE) {
+                Perm::WRITE | Perm::RESIZE
+            } else {
+                Perm::NONE
+            };
+            s |= Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED;
+            (p, s)
+        }
+        Role::File | Role::Filtered | Role::Root => (perm, shared),
+    }
+}
+
+/// QEMU's child permissions for the file under a format with metadata (qcow2): it reads its
+/// metadata consistently, writes and resizes it unless read-only, and lets nobody else write
+/// or resize under it.
+pub fn metadata_file_perms(perm: Perm, shared: Perm, read_only: bool) -> (Perm, Perm) {
+    let mut p = perm | Perm::CONSISTENT_READ;
+    if !read_only {
+        p |= Perm::WRITE | Perm::RESIZE;
+    }
+    let s =
+        (shared | Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED) & !(Perm::WRITE | Perm::RESIZE);
+    (p, s)
 }

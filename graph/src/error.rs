@@ -42,7 +42,11 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 impl Error {
     /// An error of `kind` with `message`.
     pub fn new(kind: ErrorKind, message: impl Into<String>) -> Self {
-        Error { kind, message: message.into(), source: None }
+        Error {
+            kind,
+            message: message.into(),
+            source: None,
+        }
     }
 
     /// Attaches the cause.
@@ -118,9 +122,14 @@ mod tests {
 
     #[test]
     fn full_message_chains_causes() {
-        let e = Error::io("Could not open 'x'", std::io::Error::from_raw_os_error(libc::ENOENT));
+        let e = Error::io(
+            "Could not open 'x'",
+            std::io::Error::from_raw_os_error(libc::ENOENT),
+        );
         assert_eq!(e.kind(), ErrorKind::Io);
         assert_eq!(e.to_string(), "Could not open 'x'");
-        assert!(e.full_message().starts_with("Could not open 'x': No such file"));
+        assert!(e
+            .full_message()
+            .starts_with("Could not open 'x': No such file"));
     }
 }

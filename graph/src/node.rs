@@ -1,34 +1,75 @@
-//! Nodes: a driver with a name, a length, read-only state, and the in-flight counters through
-//! which every request passes.
+//! Nodes: a driver with a unique node-name, a length, read-only state, children and parents,
+//! and the in-flight counters through which every request passes.
 //!
-//! A request entering a node adds one to the node's counter for the current IoThread, fences
-//! (SeqCst) and only then proceeds; on the way out it subtracts one and fences again before it
-//! looks whether a drain waits. This is the request half of the check-then-act protocol with
-//! the drainer (which raises the node's quiesce counter, fences, then reads in-flight).
+//! A request entering a node adds one to the node's counter for the current IoThread and
+//! fences (SeqCst); on the way out it subtracts one, fences again, and if the node is quiesced
+//! it wakes the drainer. The drainer raises `quiesce`, fences, then reads the counters: one of
+//! the two sees the other, so a drain never misses a request and never sleeps through the last
+//! one leaving (see [`crate::drain`]).
+//!
+//! Children are read by the I/O path under the graph lock's read side; parents are a weak list
+//! the controller reads. A node is kept alive by `Arc`s: its parents' edges, the users and jobs
+//! that hold it, the registry of named nodes the monitor keeps. When the last one goes, `Drop`
+//! does no I/O: it hands the driver to the closer (the controller), which closes it
+//! asynchronously (flush, clear dirty flags, release locks).
 
+use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
 
 use iothreads::{BufResult, IoBuf};
+use parking_lot::Mutex;
 
 use crate::counter::PerThreadCounter;
+use crate::drain::drain_event;
 use crate::driver::{Driver, WriteFlags, ZeroFlags};
+use crate::edge::{Edge, Role, User};
+use crate::error::{Error, ErrorKind, Result};
+use crate::lock::{graph_lock, GraphCell, WriteGuard};
+use crate::perm::Perm;
 
 /// A node of the block graph.
 pub struct Node {
     name: String,
-    driver: Box<dyn Driver>,
+    driver: Option<Box<dyn Driver>>,
     read_only: AtomicBool,
     in_flight: PerThreadCounter,
-    quiesce: AtomicU32,
+    pub(crate) quiesce: AtomicU32,
+    pub(crate) children: GraphCell<Vec<Arc<Edge>>>,
+    pub(crate) parents: Mutex<Vec<Weak<Edge>>>,
+    /// Users attached while the node was quiesced: drained once, released when the node's
+    /// quiesce count returns to zero.
+    pub(crate) late_users: Mutex<Vec<Weak<dyn User>>>,
+    /// The (perm, shared) last applied to the driver.
+    pub(crate) applied: Mutex<(Perm, Perm)>,
+    stats: NodeStats,
+}
+
+/// Per-node request counters (QEMU's query-blockstats).
+#[derive(Default)]
+pub struct NodeStats {
+    /// Read requests completed.
+    pub rd_ops: AtomicU64,
+    /// Bytes read.
+    pub rd_bytes: AtomicU64,
+    /// Write requests completed (write, write-zeroes).
+    pub wr_ops: AtomicU64,
+    /// Bytes written.
+    pub wr_bytes: AtomicU64,
+    /// Flush requests completed.
+    pub flush_ops: AtomicU64,
+    /// Discard requests completed.
+    pub discard_ops: AtomicU64,
+    /// Requests that failed.
+    pub failed_ops: AtomicU64,
 }
 
 impl std::fmt::Debug for Node {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Node")
             .field("name", &self.name)
-            .field("driver", &self.driver.driver_name())
+            .field("driver", &self.driver_name())
             .field("len", &self.len())
             .field("read_only", &self.is_read_only())
             .finish()
@@ -36,7 +77,10 @@ impl std::fmt::Debug for Node {
 }
 
 fn not_on_iothread() -> io::Error {
-    io::Error::new(io::ErrorKind::Unsupported, "block request issued outside an IoThread")
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "block request issued outside an IoThread",
+    )
 }
 
 /// Counts one request in flight on a node for as long as it lives.
@@ -46,24 +90,115 @@ struct InFlight<'a> {
 }
 
 impl Drop for InFlight<'_> {
+    #[inline]
     fn drop(&mut self) {
         self.node.in_flight.dec(self.thread);
         fence(Ordering::SeqCst);
-        // A drainer that raised `quiesce` before our decrement sees the new sum when it looks;
-        // one that raises it after sees it too. Waking it is the drain's business (graph::drain).
+        if self.node.quiesce.load(Ordering::SeqCst) > 0 {
+            drain_event().notify();
+        }
     }
 }
 
+// ---- the registry of node-names ----
+
+struct Registry {
+    nodes: HashMap<String, Weak<Node>>,
+    next_auto: u64,
+}
+
+fn registry() -> &'static Mutex<Registry> {
+    static R: OnceLock<Mutex<Registry>> = OnceLock::new();
+    R.get_or_init(|| {
+        Mutex::new(Registry {
+            nodes: HashMap::new(),
+            next_auto: 0,
+        })
+    })
+}
+
+/// Checks a user-given node-name as QEMU does: a letter, then letters, digits, '-', '.', '_';
+/// fewer than 32 characters.
+pub fn check_node_name(name: &str) -> Result<()> {
+    let mut chars = name.chars();
+    let ok = matches!(chars.next(), Some(c) if c.is_ascii_alphabetic())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'));
+    if !ok {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            format!("Invalid node-name: '{name}'"),
+        ));
+    }
+    if name.len() >= 32 {
+        return Err(Error::new(ErrorKind::InvalidArgument, "Node name too long"));
+    }
+    Ok(())
+}
+
+/// The live node named `name`.
+pub fn find_node(name: &str) -> Option<Arc<Node>> {
+    registry().lock().nodes.get(name).and_then(Weak::upgrade)
+}
+
+/// Every live node, in no particular order.
+pub fn all_nodes() -> Vec<Arc<Node>> {
+    registry()
+        .lock()
+        .nodes
+        .values()
+        .filter_map(Weak::upgrade)
+        .collect()
+}
+
+/// Where a dropped node's driver goes to be closed. The engine's controller installs one; with
+/// none installed the driver is dropped where the node was (its Drop must then do no I/O).
+pub type Closer = Box<dyn Fn(String, Box<dyn Driver>) + Send + Sync>;
+
+static CLOSER: OnceLock<Closer> = OnceLock::new();
+
+/// Installs the closer (once per process).
+pub fn set_closer(closer: Closer) -> bool {
+    CLOSER.set(closer).is_ok()
+}
+
 impl Node {
-    /// A node named `name` served by `driver`.
-    pub fn new(name: impl Into<String>, driver: Box<dyn Driver>, read_only: bool) -> Arc<Node> {
-        Arc::new(Node {
-            name: name.into(),
-            driver,
+    /// A node served by `driver`. `name` None gets QEMU-style automatic name `#blockNNN`.
+    /// Fails if the name is malformed or taken.
+    pub fn new(name: Option<&str>, driver: Box<dyn Driver>, read_only: bool) -> Result<Arc<Node>> {
+        let mut reg = registry().lock();
+        let name = match name {
+            Some(n) => {
+                check_node_name(n)?;
+                if reg.nodes.get(n).is_some_and(|w| w.strong_count() > 0) {
+                    return Err(Error::new(
+                        ErrorKind::AlreadyExists,
+                        format!("Duplicate nodes with node-name='{n}'"),
+                    ));
+                }
+                n.to_string()
+            }
+            None => loop {
+                let n = format!("#block{:03}", reg.next_auto);
+                reg.next_auto += 1;
+                if !reg.nodes.contains_key(&n) {
+                    break n;
+                }
+            },
+        };
+        let node = Arc::new(Node {
+            name: name.clone(),
+            driver: Some(driver),
             read_only: AtomicBool::new(read_only),
             in_flight: PerThreadCounter::new(),
             quiesce: AtomicU32::new(0),
-        })
+            children: GraphCell::new(Vec::new()),
+            parents: Mutex::new(Vec::new()),
+            late_users: Mutex::new(Vec::new()),
+            applied: Mutex::new((Perm::NONE, Perm::ALL)),
+            stats: NodeStats::default(),
+        });
+        reg.nodes.insert(name, Arc::downgrade(&node));
+        Ok(node)
     }
 
     /// The node-name.
@@ -71,25 +206,26 @@ impl Node {
         &self.name
     }
 
-    /// The driver's name.
-    pub fn driver_name(&self) -> &'static str {
-        self.driver.driver_name()
+    /// The driver.
+    #[inline]
+    pub fn driver(&self) -> &dyn Driver {
+        self.driver.as_deref().expect("a live node has its driver")
     }
 
-    /// The driver.
-    pub fn driver(&self) -> &dyn Driver {
-        &*self.driver
+    /// The driver's name.
+    pub fn driver_name(&self) -> &'static str {
+        self.driver().driver_name()
     }
 
     /// The driver as its concrete type, if it is a `T`.
     pub fn driver_as<T: Driver>(&self) -> Option<&T> {
-        let any: &dyn std::any::Any = &*self.driver;
+        let any: &dyn std::any::Any = self.driver();
         any.downcast_ref::<T>()
     }
 
     /// Length in bytes.
     pub fn len(&self) -> u64 {
-        self.driver.len()
+        self.driver().length()
     }
 
     /// Whether the node has no bytes.
@@ -102,6 +238,15 @@ impl Node {
         self.read_only.load(Ordering::Acquire)
     }
 
+    pub(crate) fn set_read_only_flag(&self, ro: bool) {
+        self.read_only.store(ro, Ordering::Release);
+    }
+
+    /// Whether the driver is a filter (one `filtered` child, same data).
+    pub fn is_filter(&self) -> bool {
+        self.driver().is_filter()
+    }
+
     /// Requests in flight through this node, summed over IoThreads.
     pub fn in_flight(&self) -> u64 {
         self.in_flight.sum()
@@ -111,6 +256,113 @@ impl Node {
     pub fn quiesce_count(&self) -> u32 {
         self.quiesce.load(Ordering::SeqCst)
     }
+
+    /// Request counters.
+    pub fn stats(&self) -> &NodeStats {
+        &self.stats
+    }
+
+    /// The (perm, shared) its parents take and share, as last applied.
+    pub fn cumulative_perms(&self) -> (Perm, Perm) {
+        *self.applied.lock()
+    }
+
+    // ---- graph reads ----
+
+    /// The child edges, cloned out of a read section.
+    pub fn children(&self) -> Vec<Arc<Edge>> {
+        let g = graph_lock().read();
+        self.children.read(&g).clone()
+    }
+
+    pub(crate) fn children_locked<'g>(&'g self, w: &'g WriteGuard<'_>) -> &'g Vec<Arc<Edge>> {
+        self.children.read_locked(w)
+    }
+
+    /// The first child edge with `role`.
+    pub fn child_edge(&self, role: Role) -> Option<Arc<Edge>> {
+        let g = graph_lock().read();
+        self.children
+            .read(&g)
+            .iter()
+            .find(|e| e.role() == role)
+            .cloned()
+    }
+
+    /// The first child with `role`: the request path's way down (one short read section).
+    #[inline]
+    pub fn child(&self, role: Role) -> Option<Arc<Node>> {
+        let g = graph_lock().read();
+        let edges = self.children.read(&g);
+        edges
+            .iter()
+            .find(|e| e.role() == role)
+            .map(|e| Arc::clone(e.child_in(&g)))
+    }
+
+    /// The `file` child.
+    pub fn file(&self) -> Option<Arc<Node>> {
+        self.child(Role::File)
+    }
+
+    /// The `backing` child.
+    pub fn backing(&self) -> Option<Arc<Node>> {
+        self.child(Role::Backing)
+    }
+
+    /// The child a filter passes requests to.
+    pub fn filtered(&self) -> Option<Arc<Node>> {
+        self.child(Role::Filtered)
+    }
+
+    /// The parent edges that still exist.
+    pub fn parents(&self) -> Vec<Arc<Edge>> {
+        self.parents
+            .lock()
+            .iter()
+            .filter_map(Weak::upgrade)
+            .collect()
+    }
+
+    /// Skips filters downwards: the first node at or below this one that is not a filter
+    /// (QEMU's `bdrv_skip_filters`).
+    pub fn skip_filters(self: &Arc<Self>) -> Arc<Node> {
+        let mut n = Arc::clone(self);
+        while n.is_filter() {
+            match n.filtered() {
+                Some(c) => n = c,
+                None => break,
+            }
+        }
+        n
+    }
+
+    /// The "filter or COW child": the filtered child of a filter, else the backing child.
+    pub fn filter_or_cow_child(&self) -> Option<Arc<Node>> {
+        if self.is_filter() {
+            self.filtered()
+        } else {
+            self.backing()
+        }
+    }
+
+    /// The next image below this one, skipping filters: `skip_filters(filter_or_cow(skip(self)))`
+    /// (QEMU's `bdrv_backing_chain_next`).
+    pub fn backing_chain_next(self: &Arc<Self>) -> Option<Arc<Node>> {
+        self.skip_filters()
+            .filter_or_cow_child()
+            .map(|c| c.skip_filters())
+    }
+
+    /// Whether `other` is this node or lies below it through any edge.
+    pub fn reaches(self: &Arc<Self>, other: &Arc<Node>) -> bool {
+        if Arc::ptr_eq(self, other) {
+            return true;
+        }
+        self.children().iter().any(|e| e.child().reaches(other))
+    }
+
+    // ---- requests ----
 
     #[inline]
     fn enter(&self) -> io::Result<InFlight<'_>> {
@@ -131,6 +383,17 @@ impl Node {
         }
     }
 
+    fn count<T>(&self, r: &io::Result<T>, ops: &AtomicU64, bytes: Option<(&AtomicU64, u64)>) {
+        if r.is_ok() {
+            ops.fetch_add(1, Ordering::Relaxed);
+            if let Some((b, n)) = bytes {
+                b.fetch_add(n, Ordering::Relaxed);
+            }
+        } else {
+            self.stats.failed_ops.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
     /// Reads `buf.len()` bytes at `offset`. Nodes do not check ranges (a format node writes
     /// past its file's end to grow it); the front end checks a guest's requests.
     pub async fn read(&self, offset: u64, buf: IoBuf) -> BufResult<()> {
@@ -138,7 +401,10 @@ impl Node {
             Ok(g) => g,
             Err(e) => return (Err(e), buf),
         };
-        self.driver.read(self, offset, buf).await
+        let n = buf.len() as u64;
+        let (r, buf) = self.driver().read(self, offset, buf).await;
+        self.count(&r, &self.stats.rd_ops, Some((&self.stats.rd_bytes, n)));
+        (r, buf)
     }
 
     /// Writes `buf` at `offset`.
@@ -150,26 +416,57 @@ impl Node {
             Ok(g) => g,
             Err(e) => return (Err(e), buf),
         };
-        self.driver.write(self, offset, buf, flags).await
+        let n = buf.len() as u64;
+        let (r, buf) = self.driver().write(self, offset, buf, flags).await;
+        self.count(&r, &self.stats.wr_ops, Some((&self.stats.wr_bytes, n)));
+        (r, buf)
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
     pub async fn write_zeroes(&self, offset: u64, len: u64, flags: ZeroFlags) -> io::Result<()> {
         self.check_writable()?;
         let _g = self.enter()?;
-        self.driver.write_zeroes(self, offset, len, flags).await
+        let r = self.driver().write_zeroes(self, offset, len, flags).await;
+        self.count(&r, &self.stats.wr_ops, Some((&self.stats.wr_bytes, len)));
+        r
     }
 
     /// Discards `len` bytes at `offset`.
     pub async fn discard(&self, offset: u64, len: u64) -> io::Result<()> {
         self.check_writable()?;
         let _g = self.enter()?;
-        self.driver.discard(self, offset, len).await
+        let r = self.driver().discard(self, offset, len).await;
+        self.count(&r, &self.stats.discard_ops, None);
+        r
     }
 
     /// Makes completed writes durable.
     pub async fn flush(&self) -> io::Result<()> {
         let _g = self.enter()?;
-        self.driver.flush(self).await
+        let r = self.driver().flush(self).await;
+        self.count(&r, &self.stats.flush_ops, None);
+        r
+    }
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        {
+            let mut reg = registry().lock();
+            let me = self as *const Node;
+            if reg
+                .nodes
+                .get(&self.name)
+                .is_some_and(|w| std::ptr::eq(w.as_ptr(), me))
+            {
+                reg.nodes.remove(&self.name);
+            }
+        }
+        if let Some(driver) = self.driver.take() {
+            match CLOSER.get() {
+                Some(close) => close(std::mem::take(&mut self.name), driver),
+                None => drop(driver),
+            }
+        }
     }
 }

@@ -60,8 +60,11 @@ impl Perm {
 
     /// QEMU's name of the permissions, comma-separated ("write, resize").
     pub fn names(self) -> String {
-        let v: Vec<&str> =
-            Perm::EACH.iter().filter(|(_, p, _)| self.contains(*p)).map(|(_, _, n)| *n).collect();
+        let v: Vec<&str> = Perm::EACH
+            .iter()
+            .filter(|(_, p, _)| self.contains(*p))
+            .map(|(_, _, n)| *n)
+            .collect();
         v.join(", ")
     }
 }

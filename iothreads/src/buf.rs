@@ -60,7 +60,10 @@ impl IoBuf {
     /// # Panics
     /// If `align` is not a power of two or the allocation fails.
     pub fn with_align(len: usize, align: usize) -> Self {
-        assert!(align.is_power_of_two(), "alignment {align} is not a power of two");
+        assert!(
+            align.is_power_of_two(),
+            "alignment {align} is not a power of two"
+        );
         let ptr = if len == 0 {
             // A dangling but aligned pointer: never dereferenced for more than 0 bytes.
             NonNull::new(align as *mut u8).expect("alignment is non-zero")
@@ -73,7 +76,14 @@ impl IoBuf {
                 None => alloc::handle_alloc_error(layout),
             }
         };
-        IoBuf { ptr, cap: len, align, start: 0, end: len, fixed: None }
+        IoBuf {
+            ptr,
+            cap: len,
+            align,
+            start: 0,
+            end: len,
+            fixed: None,
+        }
     }
 
     /// A buffer holding a copy of `data`.
@@ -85,7 +95,14 @@ impl IoBuf {
 
     /// Wraps a slot of a registered pool. The memory is owned by the pool.
     pub(crate) fn from_fixed(ptr: NonNull<u8>, cap: usize, align: usize, slot: FixedSlot) -> Self {
-        IoBuf { ptr, cap, align, start: 0, end: cap, fixed: Some(slot) }
+        IoBuf {
+            ptr,
+            cap,
+            align,
+            start: 0,
+            end: cap,
+            fixed: Some(slot),
+        }
     }
 
     /// Length of the window.

@@ -43,7 +43,14 @@ impl PoolShared {
         for i in 0..count {
             free.push(i as u16).expect("free list sized to count");
         }
-        Arc::new(PoolShared { ring_id, base, slot_size, count, align, free })
+        Arc::new(PoolShared {
+            ring_id,
+            base,
+            slot_size,
+            count,
+            align,
+            free,
+        })
     }
 
     /// The iovecs to register, one per slot.
@@ -67,7 +74,10 @@ impl PoolShared {
         // index to one buffer at a time.
         let ptr = unsafe { self.base.as_ptr().add(usize::from(index) * self.slot_size) };
         let ptr = NonNull::new(ptr).expect("slot pointer is non-null");
-        let slot = FixedSlot { pool: Arc::clone(self), index };
+        let slot = FixedSlot {
+            pool: Arc::clone(self),
+            index,
+        };
         let mut buf = IoBuf::from_fixed(ptr, self.slot_size, self.align, slot);
         buf.set_window(0..len);
         Some(buf)
@@ -102,7 +112,7 @@ mod tests {
         assert!(pool.take(1).is_none());
         assert_eq!(b.len(), 512);
         assert_ne!(a.as_ptr(), b.as_ptr());
-        assert_eq!(a.fixed_index_for(7).is_some(), true);
+        assert!(a.fixed_index_for(7).is_some());
         assert_eq!(a.fixed_index_for(8), None);
         drop(a);
         let c = pool.take(100).unwrap();

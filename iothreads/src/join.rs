@@ -67,10 +67,19 @@ pub(crate) struct JoinSender<T> {
 /// A connected sender and handle.
 pub(crate) fn channel<T>() -> (JoinSender<T>, JoinHandle<T>) {
     let state = Arc::new(State {
-        inner: Mutex::new(Inner { result: None, waker: None, done: false }),
+        inner: Mutex::new(Inner {
+            result: None,
+            waker: None,
+            done: false,
+        }),
         cond: Condvar::new(),
     });
-    (JoinSender { state: Some(Arc::clone(&state)) }, JoinHandle { state })
+    (
+        JoinSender {
+            state: Some(Arc::clone(&state)),
+        },
+        JoinHandle { state },
+    )
 }
 
 impl<T> JoinSender<T> {
@@ -145,7 +154,9 @@ impl<T> Future for JoinHandle<T> {
 
 impl<T> fmt::Debug for JoinHandle<T> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("JoinHandle").field("finished", &self.is_finished()).finish()
+        f.debug_struct("JoinHandle")
+            .field("finished", &self.is_finished())
+            .finish()
     }
 }
 
@@ -158,7 +169,10 @@ pub(crate) struct TaskFuture<F: Future> {
 
 impl<F: Future> TaskFuture<F> {
     pub(crate) fn new(fut: F, sender: JoinSender<F::Output>) -> Self {
-        TaskFuture { fut, sender: Some(sender) }
+        TaskFuture {
+            fut,
+            sender: Some(sender),
+        }
     }
 }
 

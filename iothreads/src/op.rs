@@ -44,12 +44,32 @@ impl From<RawFd> for Fd {
 
 #[derive(Debug, Clone, Copy)]
 enum Kind {
-    Read { fd: Fd, offset: u64 },
-    Write { fd: Fd, offset: u64 },
-    Readv { fd: Fd, offset: u64 },
-    Writev { fd: Fd, offset: u64 },
-    Fsync { fd: Fd, datasync: bool },
-    Fallocate { fd: Fd, mode: i32, offset: u64, len: u64 },
+    Read {
+        fd: Fd,
+        offset: u64,
+    },
+    Write {
+        fd: Fd,
+        offset: u64,
+    },
+    Readv {
+        fd: Fd,
+        offset: u64,
+    },
+    Writev {
+        fd: Fd,
+        offset: u64,
+    },
+    Fsync {
+        fd: Fd,
+        datasync: bool,
+    },
+    Fallocate {
+        fd: Fd,
+        mode: i32,
+        offset: u64,
+        len: u64,
+    },
     Timeout,
     Nop,
 }
@@ -87,11 +107,11 @@ impl Kind {
             (Kind::Write { fd, offset }, Held::Buf(b)) => {
                 let (ptr, len) = (b.as_ptr(), b.len() as u32);
                 match b.fixed_index_for(local.ring_id) {
-                    Some(i) => with_fd!(fd, WriteFixed, |t| opcode::WriteFixed::new(
-                        t, ptr, len, i
-                    )
-                    .offset(offset)
-                    .build()),
+                    Some(i) => {
+                        with_fd!(fd, WriteFixed, |t| opcode::WriteFixed::new(t, ptr, len, i)
+                            .offset(offset)
+                            .build())
+                    }
                     None => with_fd!(fd, Write, |t| opcode::Write::new(t, ptr, len)
                         .offset(offset)
                         .build()),
@@ -99,18 +119,33 @@ impl Kind {
             }
             (Kind::Readv { fd, offset }, Held::Bufs(_, iov)) => {
                 let (ptr, n) = (iov.as_ptr(), iov.len() as u32);
-                with_fd!(fd, Readv, |t| opcode::Readv::new(t, ptr, n).offset(offset).build())
+                with_fd!(fd, Readv, |t| opcode::Readv::new(t, ptr, n)
+                    .offset(offset)
+                    .build())
             }
             (Kind::Writev { fd, offset }, Held::Bufs(_, iov)) => {
                 let (ptr, n) = (iov.as_ptr(), iov.len() as u32);
-                with_fd!(fd, Writev, |t| opcode::Writev::new(t, ptr, n).offset(offset).build())
+                with_fd!(fd, Writev, |t| opcode::Writev::new(t, ptr, n)
+                    .offset(offset)
+                    .build())
             }
             (Kind::Fsync { fd, datasync }, _) => {
-                let flags =
-                    if datasync { types::FsyncFlags::DATASYNC } else { types::FsyncFlags::empty() };
+                let flags = if datasync {
+                    types::FsyncFlags::DATASYNC
+                } else {
+                    types::FsyncFlags::empty()
+                };
                 with_fd!(fd, Fsync, |t| opcode::Fsync::new(t).flags(flags).build())
             }
-            (Kind::Fallocate { fd, mode, offset, len }, _) => {
+            (
+                Kind::Fallocate {
+                    fd,
+                    mode,
+                    offset,
+                    len,
+                },
+                _,
+            ) => {
                 with_fd!(fd, Fallocate, |t| opcode::Fallocate::new(t, len)
                     .offset(offset)
                     .mode(mode)
@@ -137,13 +172,21 @@ struct RawOp {
 
 impl RawOp {
     fn new(kind: Kind, held: Held) -> Self {
-        RawOp { kind, held: Some(held), slot: None, _not_send: PhantomData }
+        RawOp {
+            kind,
+            held: Some(held),
+            slot: None,
+            _not_send: PhantomData,
+        }
     }
 }
 
 /// The error of an op polled off an IoThread.
 fn not_on_iothread() -> io::Error {
-    io::Error::new(io::ErrorKind::Unsupported, "I/O op polled outside an IoThread")
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        "I/O op polled outside an IoThread",
+    )
 }
 
 impl Future for RawOp {
@@ -161,7 +204,11 @@ impl Future for RawOp {
             Some(idx) => match local.poll_op(idx, cx) {
                 Poll::Ready((res, held)) => {
                     this.slot = None;
-                    let r = if res < 0 { Err(io::Error::from_raw_os_error(-res)) } else { Ok(res) };
+                    let r = if res < 0 {
+                        Err(io::Error::from_raw_os_error(-res))
+                    } else {
+                        Ok(res)
+                    };
                     Poll::Ready((r, held))
                 }
                 Poll::Pending => Poll::Pending,
@@ -219,19 +266,30 @@ pub async fn write_at(fd: Fd, offset: u64, buf: IoBuf) -> BufResult<usize> {
 
 fn iovecs(bufs: &mut [IoBuf]) -> Box<[libc::iovec]> {
     bufs.iter_mut()
-        .map(|b| libc::iovec { iov_base: b.as_mut_ptr().cast(), iov_len: b.len() })
+        .map(|b| libc::iovec {
+            iov_base: b.as_mut_ptr().cast(),
+            iov_len: b.len(),
+        })
         .collect()
 }
 
 /// One vectored read into `bufs` at `offset` (the result may be short).
-pub async fn readv_at(fd: Fd, offset: u64, mut bufs: Vec<IoBuf>) -> (io::Result<usize>, Vec<IoBuf>) {
+pub async fn readv_at(
+    fd: Fd,
+    offset: u64,
+    mut bufs: Vec<IoBuf>,
+) -> (io::Result<usize>, Vec<IoBuf>) {
     let iov = iovecs(&mut bufs);
     let (r, held) = RawOp::new(Kind::Readv { fd, offset }, Held::Bufs(bufs, iov)).await;
     (usize_result(r), into_bufs(held))
 }
 
 /// One vectored write of `bufs` at `offset` (the result may be short).
-pub async fn writev_at(fd: Fd, offset: u64, mut bufs: Vec<IoBuf>) -> (io::Result<usize>, Vec<IoBuf>) {
+pub async fn writev_at(
+    fd: Fd,
+    offset: u64,
+    mut bufs: Vec<IoBuf>,
+) -> (io::Result<usize>, Vec<IoBuf>) {
     let iov = iovecs(&mut bufs);
     let (r, held) = RawOp::new(Kind::Writev { fd, offset }, Held::Bufs(bufs, iov)).await;
     (usize_result(r), into_bufs(held))
@@ -374,7 +432,12 @@ async fn simple(kind: Kind) -> io::Result<i32> {
 
 /// `fsync(2)` through the ring.
 pub async fn fsync(fd: Fd) -> io::Result<()> {
-    simple(Kind::Fsync { fd, datasync: false }).await.map(drop)
+    simple(Kind::Fsync {
+        fd,
+        datasync: false,
+    })
+    .await
+    .map(drop)
 }
 
 /// `fdatasync(2)` through the ring.
@@ -384,7 +447,14 @@ pub async fn fdatasync(fd: Fd) -> io::Result<()> {
 
 /// `fallocate(2)` through the ring (`mode` as for the syscall: `FALLOC_FL_*`).
 pub async fn fallocate(fd: Fd, mode: i32, offset: u64, len: u64) -> io::Result<()> {
-    simple(Kind::Fallocate { fd, mode, offset, len }).await.map(drop)
+    simple(Kind::Fallocate {
+        fd,
+        mode,
+        offset,
+        len,
+    })
+    .await
+    .map(drop)
 }
 
 /// A no-op through the ring (one full submission and completion).

@@ -258,10 +258,17 @@ impl Local {
             None => None,
         };
         let files = if fixed_files > 0 {
-            ring.submitter().register_files_sparse(fixed_files).map_err(|e| {
-                io::Error::new(e.kind(), format!("registering a file table of {fixed_files}: {e}"))
-            })?;
-            Some(FixedFiles { free: (0..fixed_files).rev().collect() })
+            ring.submitter()
+                .register_files_sparse(fixed_files)
+                .map_err(|e| {
+                    io::Error::new(
+                        e.kind(),
+                        format!("registering a file table of {fixed_files}: {e}"),
+                    )
+                })?;
+            Some(FixedFiles {
+                free: (0..fixed_files).rev().collect(),
+            })
         } else {
             None
         };
@@ -334,14 +341,18 @@ impl Local {
         let gen = key as u32;
         let (mut fut, waker) = {
             let mut tasks = self.tasks.borrow_mut();
-            let Some(slot) = tasks.get_mut(idx) else { return };
+            let Some(slot) = tasks.get_mut(idx) else {
+                return;
+            };
             if slot.gen != gen {
                 return;
             }
             // Clear `queued` before polling, so a wake during the poll queues the task again.
             // AcqRel pairs with the waker's swap: what the waker published is visible here.
             slot.state.queued.swap(false, Ordering::AcqRel);
-            let Some(fut) = slot.future.take() else { return };
+            let Some(fut) = slot.future.take() else {
+                return;
+            };
             (fut, slot.waker.clone())
         };
         self.budget.set(BUDGET);
@@ -373,7 +384,9 @@ impl Local {
     fn run_ready(&self) {
         let n = self.run_queue.borrow().len();
         for _ in 0..n {
-            let Some(key) = self.run_queue.borrow_mut().pop_front() else { break };
+            let Some(key) = self.run_queue.borrow_mut().pop_front() else {
+                break;
+            };
             self.poll_task(key);
         }
     }
@@ -403,10 +416,10 @@ impl Local {
     /// Registers an op: keeps `held` until its completion and queues `entry` (whose pointers
     /// point into `held`'s heap memory) for submission. Returns the slot index.
     pub(crate) fn submit(&self, entry: squeue::Entry, held: Held, waker: &Waker) -> usize {
-        let idx = self
-            .ops
-            .borrow_mut()
-            .insert(OpSlot { state: OpState::Waiting(Some(waker.clone())), held });
+        let idx = self.ops.borrow_mut().insert(OpSlot {
+            state: OpState::Waiting(Some(waker.clone())),
+            held,
+        });
         self.push_entry(entry.user_data(idx as u64));
         idx
     }
@@ -424,7 +437,10 @@ impl Local {
                 return;
             }
         }
-        self.shared.counters.parked_sqes.fetch_add(1, Ordering::Relaxed);
+        self.shared
+            .counters
+            .parked_sqes
+            .fetch_add(1, Ordering::Relaxed);
         backlog.push_back(entry);
     }
 
@@ -534,7 +550,10 @@ impl Local {
                     }
                     // The CQ is full or the kernel is short of memory: reap, then go on.
                     Some(libc::EBUSY) | Some(libc::EAGAIN) => return,
-                    _ => panic!("io_uring_enter failed on IoThread {}: {e}", self.shared.name),
+                    _ => panic!(
+                        "io_uring_enter failed on IoThread {}: {e}",
+                        self.shared.name
+                    ),
                 },
             }
         }
@@ -557,7 +576,9 @@ impl Local {
                     CANCEL_UD => {}
                     ud => {
                         let idx = ud as usize;
-                        let Some(slot) = ops.get_mut(idx) else { continue };
+                        let Some(slot) = ops.get_mut(idx) else {
+                            continue;
+                        };
                         match std::mem::replace(&mut slot.state, OpState::Done(cqe.result())) {
                             OpState::Waiting(w) => wakers.extend(w),
                             OpState::Orphaned => orphans.push(ops.remove(idx).held),
@@ -681,4 +702,3 @@ impl Drop for Local {
         debug_assert!(self.ops.borrow().is_empty() || self.kernel_ops.get() == 0);
     }
 }
-

@@ -105,7 +105,10 @@ pub struct RingError {
 
 impl RingError {
     fn new(message: impl Into<String>, source: Option<io::Error>) -> Self {
-        RingError { message: message.into(), source }
+        RingError {
+            message: message.into(),
+            source,
+        }
     }
 
     /// The OS error behind this one, if any.
@@ -183,7 +186,10 @@ fn build_ring(opts: &IoThreadOptions) -> Result<IoUring, RingError> {
         builder.setup_sqpoll(idle.as_millis().min(u128::from(u32::MAX)) as u32);
     } else if opts.defer_taskrun {
         let mut deferred = builder.clone();
-        deferred.setup_single_issuer().setup_defer_taskrun().setup_taskrun_flag();
+        deferred
+            .setup_single_issuer()
+            .setup_defer_taskrun()
+            .setup_taskrun_flag();
         match deferred.build(entries) {
             Ok(r) => return Ok(r),
             // EINVAL: an older kernel without these flags; try the plain ring below.
@@ -211,14 +217,23 @@ impl IoThread {
     /// Starts an IoThread. Fails with a message naming the cause if the ring cannot be built.
     pub fn with_options(opts: IoThreadOptions) -> Result<IoThread, RingError> {
         let index = take_index().ok_or_else(|| {
-            RingError::new(format!("too many IoThreads (at most {MAX_IOTHREADS})"), None)
+            RingError::new(
+                format!("too many IoThreads (at most {MAX_IOTHREADS})"),
+                None,
+            )
         })?;
-        let name = opts.name.clone().unwrap_or_else(|| format!("iothread-{index}"));
+        let name = opts
+            .name
+            .clone()
+            .unwrap_or_else(|| format!("iothread-{index}"));
         let shared = match Shared::new(index, name.clone()) {
             Ok(s) => s,
             Err(e) => {
                 release_index(index);
-                return Err(RingError::new(format!("cannot create an eventfd: {e}"), Some(e)));
+                return Err(RingError::new(
+                    format!("cannot create an eventfd: {e}"),
+                    Some(e),
+                ));
             }
         };
         let (tx, rx) = mpsc::channel::<Result<(), RingError>>();
@@ -242,17 +257,21 @@ impl IoThread {
                     return;
                 }
             };
-            let local =
-                match Local::new(thread_shared, ring, opts.fixed_buffers, opts.registered_files) {
-                    Ok(l) => l,
-                    Err(e) => {
-                        let _ = tx.send(Err(RingError::new(
-                            format!("cannot set up the ring: {e}"),
-                            Some(e),
-                        )));
-                        return;
-                    }
-                };
+            let local = match Local::new(
+                thread_shared,
+                ring,
+                opts.fixed_buffers,
+                opts.registered_files,
+            ) {
+                Ok(l) => l,
+                Err(e) => {
+                    let _ = tx.send(Err(RingError::new(
+                        format!("cannot set up the ring: {e}"),
+                        Some(e),
+                    )));
+                    return;
+                }
+            };
             // SAFETY: gettid has no arguments and cannot fail.
             let tid = unsafe { libc::gettid() };
             local.shared.os_tid.store(tid, Ordering::Relaxed);
@@ -264,7 +283,10 @@ impl IoThread {
             Ok(t) => t,
             Err(e) => {
                 release_index(index);
-                return Err(RingError::new(format!("cannot start a thread: {e}"), Some(e)));
+                return Err(RingError::new(
+                    format!("cannot start a thread: {e}"),
+                    Some(e),
+                ));
             }
         };
         let started = rx
@@ -275,7 +297,10 @@ impl IoThread {
             return Err(e);
         }
         register(&shared);
-        Ok(IoThread { handle: IoThreadHandle { shared }, thread: Some(thread) })
+        Ok(IoThread {
+            handle: IoThreadHandle { shared },
+            thread: Some(thread),
+        })
     }
 
     /// A handle to reach this IoThread from anywhere.
@@ -290,7 +315,9 @@ impl IoThread {
     }
 
     fn stop(&mut self) {
-        let Some(thread) = self.thread.take() else { return };
+        let Some(thread) = self.thread.take() else {
+            return;
+        };
         let shared = &self.handle.shared;
         shared.shutdown.store(true, Ordering::Release);
         // An injected no-op guarantees the loop wakes and sees the flag.
@@ -434,7 +461,9 @@ impl IoThreadHandle {
 
 /// The IoThread the caller runs on, if any.
 pub fn current() -> Option<IoThreadHandle> {
-    with_local(|l| IoThreadHandle { shared: Arc::clone(&l.shared) })
+    with_local(|l| IoThreadHandle {
+        shared: Arc::clone(&l.shared),
+    })
 }
 
 /// The index of the IoThread the caller runs on, if any.
@@ -481,12 +510,23 @@ pub fn register_file(fd: std::os::fd::RawFd) -> io::Result<u32> {
     with_local(|l| {
         let mut files = l.fixed_files.borrow_mut();
         let Some(files) = files.as_mut() else {
-            return Err(io::Error::new(io::ErrorKind::Unsupported, "no registered file table"));
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "no registered file table",
+            ));
         };
         let Some(slot) = files.free.pop() else {
-            return Err(io::Error::new(io::ErrorKind::OutOfMemory, "registered file table full"));
+            return Err(io::Error::new(
+                io::ErrorKind::OutOfMemory,
+                "registered file table full",
+            ));
         };
-        match l.ring.borrow().submitter().register_files_update(slot, &[fd]) {
+        match l
+            .ring
+            .borrow()
+            .submitter()
+            .register_files_update(slot, &[fd])
+        {
             Ok(_) => Ok(slot),
             Err(e) => {
                 files.free.push(slot);
@@ -494,19 +534,34 @@ pub fn register_file(fd: std::os::fd::RawFd) -> io::Result<u32> {
             }
         }
     })
-    .unwrap_or_else(|| Err(io::Error::new(io::ErrorKind::Unsupported, "not on an IoThread")))
+    .unwrap_or_else(|| {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "not on an IoThread",
+        ))
+    })
 }
 
 /// Releases a slot taken by [`register_file`] on the current IoThread.
 pub fn unregister_file(slot: u32) -> io::Result<()> {
     with_local(|l| {
         let mut files = l.fixed_files.borrow_mut();
-        let Some(files) = files.as_mut() else { return Ok(()) };
-        l.ring.borrow().submitter().register_files_update(slot, &[-1])?;
+        let Some(files) = files.as_mut() else {
+            return Ok(());
+        };
+        l.ring
+            .borrow()
+            .submitter()
+            .register_files_update(slot, &[-1])?;
         files.free.push(slot);
         Ok(())
     })
-    .unwrap_or_else(|| Err(io::Error::new(io::ErrorKind::Unsupported, "not on an IoThread")))
+    .unwrap_or_else(|| {
+        Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "not on an IoThread",
+        ))
+    })
 }
 
 /// Yields once: the task goes to the back of the run queue.

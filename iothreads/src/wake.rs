@@ -21,7 +21,9 @@ pub struct SleepFlag {
 impl SleepFlag {
     /// A flag in the awake state.
     pub fn new() -> Self {
-        SleepFlag { sleeping: AtomicBool::new(false) }
+        SleepFlag {
+            sleeping: AtomicBool::new(false),
+        }
     }
 
     /// Loop side, before its last look at the queues: announce, then fence.

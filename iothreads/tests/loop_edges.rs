@@ -102,7 +102,11 @@ fn windowed_reads_touch_only_the_window() {
 
 #[test]
 fn full_sq_parks_ops_and_loses_none() {
-    let t = IoThread::with_options(IoThreadOptions { sq_entries: 4, ..Default::default() }).unwrap();
+    let t = IoThread::with_options(IoThreadOptions {
+        sq_entries: 4,
+        ..Default::default()
+    })
+    .unwrap();
     let (_p, f) = scratch_file(1 << 20);
     let fd = f.as_raw_fd();
     let total = t
@@ -125,13 +129,21 @@ fn full_sq_parks_ops_and_loses_none() {
         })
         .unwrap();
     assert_eq!(total, 2000);
-    assert!(t.stats().parked_sqes > 0, "a 4-entry SQ must have parked ops: {:?}", t.stats());
+    assert!(
+        t.stats().parked_sqes > 0,
+        "a 4-entry SQ must have parked ops: {:?}",
+        t.stats()
+    );
 }
 
 #[test]
 fn more_ops_than_the_cq_holds_all_complete() {
     // 8 SQ entries -> 16 CQ entries; 500 pipe reads stay in flight at once.
-    let t = IoThread::with_options(IoThreadOptions { sq_entries: 8, ..Default::default() }).unwrap();
+    let t = IoThread::with_options(IoThreadOptions {
+        sq_entries: 8,
+        ..Default::default()
+    })
+    .unwrap();
     let (r, w) = pipe();
     let rfd = r.as_raw_fd();
     let mut handles = Vec::new();
@@ -188,9 +200,15 @@ fn dropping_a_future_in_flight_keeps_its_buffer_until_completion() {
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    assert_eq!(left, 0, "the orphaned op is freed once its completion arrives");
+    assert_eq!(
+        left, 0,
+        "the orphaned op is freed once its completion arrives"
+    );
     // The loop stays healthy afterwards.
-    let v = t.block_on(|| async { op::nop().await.map(|_| 5) }).unwrap().unwrap();
+    let v = t
+        .block_on(|| async { op::nop().await.map(|_| 5) })
+        .unwrap()
+        .unwrap();
     assert_eq!(v, 5);
     drop(r);
 }
@@ -246,7 +264,10 @@ fn many_threads_spawn_onto_one_iothread() {
                         i
                     }));
                 }
-                handles.into_iter().enumerate().all(|(i, j)| j.join() == Ok(i))
+                handles
+                    .into_iter()
+                    .enumerate()
+                    .all(|(i, j)| j.join() == Ok(i))
             })
         })
         .collect();
@@ -378,7 +399,10 @@ fn writes_fsync_and_fallocate_go_through_the_ring() {
 #[test]
 fn write_errors_propagate() {
     let t = IoThread::new().unwrap();
-    let full = std::fs::OpenOptions::new().write(true).open("/dev/full").unwrap();
+    let full = std::fs::OpenOptions::new()
+        .write(true)
+        .open("/dev/full")
+        .unwrap();
     let fd = full.as_raw_fd();
     let e = t
         .block_on(move || async move { write_all_at(Fd::Raw(fd), 0, IoBuf::new(4096)).await.0 })
@@ -394,7 +418,10 @@ fn vectored_io_round_trips() {
     let fd = f.as_raw_fd();
     let back = t
         .block_on(move || async move {
-            let bufs = vec![IoBuf::from_slice(&[1u8; 100]), IoBuf::from_slice(&[2u8; 50])];
+            let bufs = vec![
+                IoBuf::from_slice(&[1u8; 100]),
+                IoBuf::from_slice(&[2u8; 50]),
+            ];
             let (r, _) = op::writev_all_at(Fd::Raw(fd), 10, bufs).await;
             r.unwrap();
             let (r, bufs) =
@@ -427,7 +454,10 @@ fn registered_files_and_buffers_work() {
             assert!(b.is_registered());
             let (r, b) = read_exact_at(Fd::Fixed(slot), 4096, b).await;
             r.unwrap();
-            let ok = b.iter().enumerate().all(|(i, &x)| x == ((4096 + i) % 251) as u8);
+            let ok = b
+                .iter()
+                .enumerate()
+                .all(|(i, &x)| x == ((4096 + i) % 251) as u8);
             let (r, _) = write_all_at(Fd::Fixed(slot), 0, b).await;
             r.unwrap();
             iothreads::unregister_file(slot).unwrap();
@@ -439,7 +469,10 @@ fn registered_files_and_buffers_work() {
 
 #[test]
 fn sqpoll_ring_does_io() {
-    let opts = IoThreadOptions { sqpoll_idle: Some(Duration::from_millis(10)), ..Default::default() };
+    let opts = IoThreadOptions {
+        sqpoll_idle: Some(Duration::from_millis(10)),
+        ..Default::default()
+    };
     let t = match IoThread::with_options(opts) {
         Ok(t) => t,
         Err(e) => {
@@ -465,7 +498,12 @@ fn seccomp_child() {
     }
     const NR_IO_URING_SETUP: u32 = 425;
     let filter = [
-        libc::sock_filter { code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16, jt: 0, jf: 0, k: 0 },
+        libc::sock_filter {
+            code: (libc::BPF_LD | libc::BPF_W | libc::BPF_ABS) as u16,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        },
         libc::sock_filter {
             code: (libc::BPF_JMP | libc::BPF_JEQ | libc::BPF_K) as u16,
             jt: 0,
@@ -478,14 +516,26 @@ fn seccomp_child() {
             jf: 0,
             k: libc::SECCOMP_RET_ERRNO | libc::EPERM as u32,
         },
-        libc::sock_filter { code: (libc::BPF_RET | libc::BPF_K) as u16, jt: 0, jf: 0, k: libc::SECCOMP_RET_ALLOW },
+        libc::sock_filter {
+            code: (libc::BPF_RET | libc::BPF_K) as u16,
+            jt: 0,
+            jf: 0,
+            k: libc::SECCOMP_RET_ALLOW,
+        },
     ];
-    let prog = libc::sock_fprog { len: filter.len() as u16, filter: filter.as_ptr() as *mut _ };
+    let prog = libc::sock_fprog {
+        len: filter.len() as u16,
+        filter: filter.as_ptr() as *mut _,
+    };
     // SAFETY: plain prctl calls; `prog` points at a live filter array.
     unsafe {
         assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0);
         assert_eq!(
-            libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &prog as *const _),
+            libc::prctl(
+                libc::PR_SET_SECCOMP,
+                libc::SECCOMP_MODE_FILTER,
+                &prog as *const _
+            ),
             0
         );
     }
@@ -499,14 +549,28 @@ fn seccomp_child() {
 fn refused_ring_names_the_cause() {
     let exe = std::env::current_exe().unwrap();
     let out = std::process::Command::new(exe)
-        .args(["--exact", "seccomp_child", "--nocapture", "--test-threads=1"])
+        .args([
+            "--exact",
+            "seccomp_child",
+            "--nocapture",
+            "--test-threads=1",
+        ])
         .env("STRATA_SECCOMP_CHILD", "1")
         .output()
         .unwrap();
     let stdout = String::from_utf8_lossy(&out.stdout);
-    let line = stdout.lines().find(|l| l.contains("RESULT: ")).unwrap_or_else(|| {
-        panic!("child printed no result: {stdout} {}", String::from_utf8_lossy(&out.stderr))
-    });
+    let line = stdout
+        .lines()
+        .find(|l| l.contains("RESULT: "))
+        .unwrap_or_else(|| {
+            panic!(
+                "child printed no result: {stdout} {}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        });
     assert!(line.contains("cannot create an io_uring"), "{line}");
-    assert!(line.contains("seccomp") || line.contains("io_uring_disabled"), "{line}");
+    assert!(
+        line.contains("seccomp") || line.contains("io_uring_disabled"),
+        "{line}"
+    );
 }

@@ -7,7 +7,7 @@ use std::io;
 use std::sync::Arc;
 use std::time::Duration;
 
-use graph::{Driver, LocalBoxFuture, Node, WriteFlags, ZeroFlags};
+use graph::{Driver, Error, LocalBoxFuture, Node, WriteFlags, ZeroFlags};
 use iothreads::{BufResult, IoBuf};
 
 /// Options of a null node.
@@ -23,7 +23,11 @@ pub struct NullOptions {
 
 impl Default for NullOptions {
     fn default() -> Self {
-        NullOptions { size: 1 << 30, read_zeroes: false, latency_ns: 0 }
+        NullOptions {
+            size: 1 << 30,
+            read_zeroes: false,
+            latency_ns: 0,
+        }
     }
 }
 
@@ -33,9 +37,9 @@ pub struct NullDriver {
     opts: NullOptions,
 }
 
-/// Opens a null node named `name`.
-pub fn open(name: &str, opts: NullOptions) -> Arc<Node> {
-    Node::new(name, Box::new(NullDriver { opts }), false)
+/// Opens a null node named `name` (fails if the name is malformed or taken).
+pub fn open(name: &str, opts: NullOptions) -> Result<Arc<Node>, Error> {
+    Node::new(Some(name), Box::new(NullDriver { opts }), false)
 }
 
 impl NullDriver {
@@ -52,11 +56,16 @@ impl Driver for NullDriver {
         "null-co"
     }
 
-    fn len(&self) -> u64 {
+    fn length(&self) -> u64 {
         self.opts.size
     }
 
-    fn read<'a>(&'a self, _: &'a Node, _: u64, mut buf: IoBuf) -> LocalBoxFuture<'a, BufResult<()>> {
+    fn read<'a>(
+        &'a self,
+        _: &'a Node,
+        _: u64,
+        mut buf: IoBuf,
+    ) -> LocalBoxFuture<'a, BufResult<()>> {
         Box::pin(async move {
             if self.opts.read_zeroes {
                 buf.fill(0);

@@ -65,3 +65,9 @@ pub fn qemu_tool(name: &str) -> Option<&'static str> {
 pub fn pattern_at(off: usize) -> u8 {
     (off % 251) as u8
 }
+
+/// A node-name unique in this test process (tests run in parallel and names are global).
+pub fn uniq(tag: &str) -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("{tag}-{}", N.fetch_add(1, Ordering::Relaxed))
+}

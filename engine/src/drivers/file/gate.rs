@@ -116,7 +116,10 @@ impl WriteGate {
 
     /// Closes the gate for a padded write (waiting for its turn and for the writes inside).
     pub fn close(&self) -> CloseExclusive<'_> {
-        CloseExclusive { gate: self, state: CloseState::Start }
+        CloseExclusive {
+            gate: self,
+            state: CloseState::Start,
+        }
     }
 }
 
@@ -134,7 +137,10 @@ impl<'a> Future for EnterShared<'a> {
         gate.writers.inc(self.thread);
         fence(Ordering::SeqCst);
         if !gate.closed.load(Ordering::SeqCst) {
-            return Poll::Ready(Shared { gate, thread: self.thread });
+            return Poll::Ready(Shared {
+                gate,
+                thread: self.thread,
+            });
         }
         gate.writers.dec(self.thread);
         fence(Ordering::SeqCst);

@@ -106,11 +106,12 @@ pub fn apply(fd: RawFd, path: &str, cur: &mut LockState, new: LockState) -> Resu
             None
         }
         .into_iter()
-        .chain(
-            new.unshared
-                .contains(p)
-                .then(|| (PERM_BASE + i, format!("Failed to get shared \"{name}\" lock"))),
-        );
+        .chain(new.unshared.contains(p).then(|| {
+            (
+                PERM_BASE + i,
+                format!("Failed to get shared \"{name}\" lock"),
+            )
+        }));
         for (byte, what) in probe {
             match byte_taken(fd, byte) {
                 Ok(false) => {}
@@ -146,13 +147,66 @@ pub fn read_write_state() -> LockState {
     }
 }
 
-/// What QEMU takes for a read-only image opener: consistent read, sharing neither write nor
-/// resize (nobody may change the image under a consistent reader).
-pub fn read_only_state() -> LockState {
-    LockState { perm: Perm::CONSISTENT_READ, unshared: Perm::WRITE | Perm::RESIZE }
-}
-
 /// The lock state for a node's users taking `perm` and sharing `shared`.
 pub fn state_for(perm: Perm, shared: Perm) -> LockState {
-    LockState { perm, unshared: !shared }
+    LockState {
+        perm,
+        unshared: !shared,
+    }
+}
+
+/// Moves the locks of `state` from `from` to `to` (two descriptors of one file, as a reopen
+/// has), ending in `new` on `to`, without a window: `to` takes the union first, `from` lets go,
+/// and only then `to` probes for conflicts with other processes (probing earlier would find
+/// `from`'s own locks). On a conflict `from` takes `state` back and `to` releases everything.
+pub fn transfer(
+    from: RawFd,
+    to: RawFd,
+    path: &str,
+    state: &mut LockState,
+    new: LockState,
+) -> Result<(), Error> {
+    let union = LockState {
+        perm: state.perm | new.perm,
+        unshared: state.unshared | new.unshared,
+    };
+    let mut on_to = LockState::default();
+    for b in bytes(union) {
+        if let Err(e) = lock_byte(to, b) {
+            release_all(to, on_to);
+            return Err(Error::io(format!("Failed to lock byte {b} of '{path}'"), e));
+        }
+        on_to = union;
+    }
+    release_all(from, *state);
+    let mut probe_state = on_to;
+    match apply(to, path, &mut probe_state, new) {
+        Ok(()) => {
+            *state = new;
+            Ok(())
+        }
+        Err(e) => {
+            for b in bytes(*state) {
+                let _ = lock_byte(from, b);
+            }
+            release_all(to, union);
+            Err(e)
+        }
+    }
+}
+
+/// Moves `state` from `from` back to `to` with no probe (our own locks returning to the
+/// descriptor that held them: nobody else could take conflicting ones meanwhile).
+pub fn move_back(from: RawFd, to: RawFd, state: LockState) {
+    for b in bytes(state) {
+        let _ = lock_byte(to, b);
+    }
+    release_all(from, state);
+}
+
+/// Releases every lock byte of `state` held through `fd`.
+pub fn release_all(fd: RawFd, state: LockState) {
+    for b in bytes(state) {
+        let _ = unlock_byte(fd, b);
+    }
 }

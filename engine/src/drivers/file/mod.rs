@@ -24,7 +24,7 @@ use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicI64, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use graph::{Driver, Error, ErrorKind, LocalBoxFuture, Node, Perm, WriteFlags, ZeroFlags};
@@ -115,9 +115,20 @@ enum Mode {
 const FIXED_UNTRIED: i64 = -2;
 const FIXED_NONE: i64 = -1;
 
+/// The descriptors of a file node: the one requests use, and the one a reopen prepared.
+struct Files {
+    current: File,
+    pending: Option<File>,
+    /// The image locks held, and whether they sit on the pending descriptor (moved there by
+    /// a permission change during a reopen).
+    locks: LockState,
+    locks_on_pending: bool,
+}
+
 /// The file driver.
 pub struct FileDriver {
-    file: File,
+    fd: AtomicI32,
+    files: Mutex<Files>,
     path: String,
     len: AtomicU64,
     is_blockdev: bool,
@@ -128,7 +139,7 @@ pub struct FileDriver {
     no_flush: bool,
     discard: Discard,
     locking: bool,
-    locks: Mutex<LockState>,
+    direct_flag: bool,
     gate: Option<WriteGate>,
     fixed: Box<[AtomicI64]>,
 }
@@ -160,12 +171,21 @@ fn dio_align(fd: RawFd) -> Option<(usize, usize)> {
     let empty = c"";
     // SAFETY: `empty` is a valid C string and `stx` a valid out-parameter.
     let r = unsafe {
-        libc::statx(fd, empty.as_ptr(), libc::AT_EMPTY_PATH, libc::STATX_DIOALIGN, &mut stx)
+        libc::statx(
+            fd,
+            empty.as_ptr(),
+            libc::AT_EMPTY_PATH,
+            libc::STATX_DIOALIGN,
+            &mut stx,
+        )
     };
     if r != 0 || stx.stx_mask & libc::STATX_DIOALIGN == 0 || stx.stx_dio_offset_align == 0 {
         return None;
     }
-    Some((stx.stx_dio_mem_align.max(1) as usize, stx.stx_dio_offset_align as usize))
+    Some((
+        stx.stx_dio_mem_align.max(1) as usize,
+        stx.stx_dio_offset_align as usize,
+    ))
 }
 
 fn blockdev_size(fd: RawFd) -> io::Result<u64> {
@@ -188,13 +208,16 @@ fn on_tmpfs(fd: RawFd) -> bool {
     }
     const RAMFS_MAGIC: i64 = 0x8584_58f6;
     let t = st.f_type as i64;
-    t == libc::TMPFS_MAGIC as i64 || t == RAMFS_MAGIC
+    t == libc::TMPFS_MAGIC || t == RAMFS_MAGIC
 }
 
 /// Whether buffered reads of `fd` support RWF_NOWAIT (if not, io_uring punts every read).
 fn supports_nowait(fd: RawFd, align: usize) -> bool {
     let mut buf = IoBuf::new(align.max(512));
-    let iov = libc::iovec { iov_base: buf.as_mut_ptr().cast(), iov_len: buf.len() };
+    let iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
     // SAFETY: one iovec over a live buffer of its stated length.
     let r = unsafe { libc::preadv2(fd, &iov, 1, 0, libc::RWF_NOWAIT) };
     !(r < 0 && io::Error::last_os_error().raw_os_error() == Some(libc::EOPNOTSUPP))
@@ -202,12 +225,13 @@ fn supports_nowait(fd: RawFd, align: usize) -> bool {
 
 /// Opens a file node named `name`.
 pub fn open(name: &str, opts: &FileOptions) -> Result<Arc<Node>, Error> {
+    graph::check_node_name(name)?;
     let driver = FileDriver::open(opts)?;
-    Ok(Node::new(name, Box::new(driver), opts.read_only))
+    Node::new(Some(name), Box::new(driver), opts.read_only)
 }
 
 impl FileDriver {
-    /// Opens the file and takes its image locks.
+    /// Opens the file (image locks come with the node's permissions).
     pub fn open(opts: &FileOptions) -> Result<FileDriver, Error> {
         let path = opts.filename.display().to_string();
         let mut oo = OpenOptions::new();
@@ -238,12 +262,16 @@ impl FileDriver {
             ));
         }
         let len = if is_blockdev {
-            blockdev_size(fd).map_err(|e| Error::io(format!("Could not get the size of '{path}'"), e))?
+            blockdev_size(fd)
+                .map_err(|e| Error::io(format!("Could not get the size of '{path}'"), e))?
         } else {
             meta.len()
         };
-        let (mem_align, req_align) =
-            if opts.direct { dio_align(fd).unwrap_or((4096, 4096)) } else { (1, 1) };
+        let (mem_align, req_align) = if opts.direct {
+            dio_align(fd).unwrap_or((4096, 4096))
+        } else {
+            (1, 1)
+        };
         let mode = match opts.aio {
             Aio::IoUring => Mode::Ring,
             Aio::Inline => Mode::Inline,
@@ -255,17 +283,23 @@ impl FileDriver {
                 }
             }
         };
+        // Image locks follow the node's permissions, applied when users attach
+        // (`set_perms`), as QEMU's file driver does.
         let locking = opts.locking != Locking::Off;
-        let mut locks = LockState::default();
-        if locking {
-            let want =
-                if opts.read_only { lock::read_only_state() } else { lock::read_write_state() };
-            lock::apply(fd, &path, &mut locks, want)?;
-        }
         let gate = (opts.direct && (req_align > 1 || mem_align > 1)).then(WriteGate::default);
-        let init = if opts.register_file { FIXED_UNTRIED } else { FIXED_NONE };
+        let init = if opts.register_file {
+            FIXED_UNTRIED
+        } else {
+            FIXED_NONE
+        };
         Ok(FileDriver {
-            file,
+            fd: AtomicI32::new(fd),
+            files: Mutex::new(Files {
+                current: file,
+                pending: None,
+                locks: LockState::default(),
+                locks_on_pending: false,
+            }),
             path,
             len: AtomicU64::new(len),
             is_blockdev,
@@ -276,7 +310,7 @@ impl FileDriver {
             no_flush: opts.no_flush,
             discard: opts.discard,
             locking,
-            locks: Mutex::new(locks),
+            direct_flag: opts.direct,
             gate,
             fixed: (0..MAX_IOTHREADS).map(|_| AtomicI64::new(init)).collect(),
         })
@@ -299,16 +333,34 @@ impl FileDriver {
 
     /// The image locks now held.
     pub fn lock_state(&self) -> LockState {
-        *self.locks.lock()
+        self.files.lock().locks
     }
 
+    #[inline]
     fn raw_fd(&self) -> RawFd {
-        self.file.as_raw_fd()
+        self.fd.load(Ordering::Acquire)
+    }
+
+    /// Forgets registered slots of the old descriptor (released on their own threads).
+    fn drop_registrations(&self) {
+        for (t, slot) in self.fixed.iter().enumerate() {
+            let v = slot.load(Ordering::Relaxed);
+            if v >= 0 {
+                slot.store(FIXED_UNTRIED, Ordering::Relaxed);
+                if let Some(h) = iothreads::handle_by_index(t) {
+                    drop(h.spawn_with(move || async move {
+                        let _ = iothreads::unregister_file(v as u32);
+                    }));
+                }
+            }
+        }
     }
 
     /// The descriptor to use on this IoThread: its registered slot if it has one.
     fn fd(&self) -> Fd {
-        let Some(t) = iothreads::current_index() else { return Fd::Raw(self.raw_fd()) };
+        let Some(t) = iothreads::current_index() else {
+            return Fd::Raw(self.raw_fd());
+        };
         let v = self.fixed[t].load(Ordering::Relaxed);
         if v >= 0 {
             return Fd::Fixed(v as u32);
@@ -431,7 +483,10 @@ impl FileDriver {
         let end = offset + len;
         let true_len = old_len.max(end);
         if !self.is_blockdev && a1 > true_len {
-            self.file.set_len(true_len)?;
+            // SAFETY: ftruncate takes only integers.
+            if unsafe { libc::ftruncate(self.raw_fd(), true_len as i64) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
         }
         Ok(())
     }
@@ -451,7 +506,8 @@ impl FileDriver {
         let r = self.fallocate(mode, offset, len).await;
         let r = match r {
             Err(e) if mode != libc::FALLOC_FL_ZERO_RANGE && unsupported(&e) => {
-                self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len).await
+                self.fallocate(libc::FALLOC_FL_ZERO_RANGE, offset, len)
+                    .await
             }
             r => r,
         };
@@ -480,8 +536,9 @@ impl FileDriver {
         while done < len {
             let n = CHUNK.min(len - done) as usize;
             zero.set_window(0..n);
-            let (r, b) =
-                self.do_write(offset + done, zero, WriteFlags { fua: false }).await;
+            let (r, b) = self
+                .do_write(offset + done, zero, WriteFlags { fua: false })
+                .await;
             r?;
             zero = b;
             done += n as u64;
@@ -502,7 +559,11 @@ impl FileDriver {
             return Ok(());
         }
         match self
-            .fallocate(libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE, offset, end - offset)
+            .fallocate(
+                libc::FALLOC_FL_PUNCH_HOLE | libc::FALLOC_FL_KEEP_SIZE,
+                offset,
+                end - offset,
+            )
             .await
         {
             // Discard is advisory: a file system that cannot punch holes just keeps the data.
@@ -513,27 +574,25 @@ impl FileDriver {
 }
 
 fn unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EOPNOTSUPP) | Some(libc::EINVAL) | Some(libc::ENOSYS)
+    )
 }
 
 impl Drop for FileDriver {
     fn drop(&mut self) {
         // Registered slots hold the file open on their rings; release each on its own thread.
-        for (t, slot) in self.fixed.iter().enumerate() {
-            let v = slot.load(Ordering::Relaxed);
-            if v >= 0 {
-                if let Some(h) = iothreads::handle_by_index(t) {
-                    drop(h.spawn_with(move || async move {
-                        let _ = iothreads::unregister_file(v as u32);
-                    }));
-                }
-            }
-        }
+        self.drop_registrations();
         // Release the image locks now: a registered slot may keep the open file description
         // alive a little longer, and the locks belong to it, not to our descriptor.
+        let files = self.files.lock();
         if self.locking {
-            let mut cur = *self.locks.lock();
-            let _ = lock::apply(self.raw_fd(), &self.path, &mut cur, LockState::default());
+            let fd = match (&files.pending, files.locks_on_pending) {
+                (Some(p), true) => p.as_raw_fd(),
+                _ => files.current.as_raw_fd(),
+            };
+            lock::release_all(fd, files.locks);
         }
     }
 }
@@ -547,11 +606,16 @@ impl Driver for FileDriver {
         }
     }
 
-    fn len(&self) -> u64 {
+    fn length(&self) -> u64 {
         self.len.load(Ordering::Acquire)
     }
 
-    fn read<'a>(&'a self, _: &'a Node, offset: u64, buf: IoBuf) -> LocalBoxFuture<'a, BufResult<()>> {
+    fn read<'a>(
+        &'a self,
+        _: &'a Node,
+        offset: u64,
+        buf: IoBuf,
+    ) -> LocalBoxFuture<'a, BufResult<()>> {
         Box::pin(self.do_read(offset, buf))
     }
 
@@ -575,7 +639,12 @@ impl Driver for FileDriver {
         Box::pin(self.do_write_zeroes(offset, len, flags))
     }
 
-    fn discard<'a>(&'a self, _: &'a Node, offset: u64, len: u64) -> LocalBoxFuture<'a, io::Result<()>> {
+    fn discard<'a>(
+        &'a self,
+        _: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'a, io::Result<()>> {
         Box::pin(self.do_discard(offset, len))
     }
 
@@ -593,8 +662,71 @@ impl Driver for FileDriver {
         if !self.locking {
             return Ok(());
         }
-        let mut cur = self.locks.lock();
-        lock::apply(self.raw_fd(), &self.path, &mut cur, lock::state_for(perm, shared))
+        let new = lock::state_for(perm, shared);
+        let mut guard = self.files.lock();
+        let f = &mut *guard;
+        match (&f.pending, f.locks_on_pending) {
+            (Some(p), false) => {
+                lock::transfer(
+                    f.current.as_raw_fd(),
+                    p.as_raw_fd(),
+                    &self.path,
+                    &mut f.locks,
+                    new,
+                )?;
+                f.locks_on_pending = true;
+                Ok(())
+            }
+            (Some(p), true) => lock::apply(p.as_raw_fd(), &self.path, &mut f.locks, new),
+            (None, _) => lock::apply(f.current.as_raw_fd(), &self.path, &mut f.locks, new),
+        }
+    }
+
+    fn reopen_prepare(&self, read_only: bool) -> Result<(), Error> {
+        if self.is_blockdev && !read_only {
+            // Block devices reopen like files; nothing special.
+        }
+        let mut oo = OpenOptions::new();
+        oo.read(true).write(!read_only);
+        let mut flags = libc::O_CLOEXEC;
+        if self.direct_flag {
+            flags |= libc::O_DIRECT;
+        }
+        oo.custom_flags(flags);
+        let file = oo.open(&self.path).map_err(|e| open_error(&self.path, e))?;
+        let mut f = self.files.lock();
+        f.pending = Some(file);
+        f.locks_on_pending = false;
+        Ok(())
+    }
+
+    fn reopen_commit(&self) {
+        let mut guard = self.files.lock();
+        let f = &mut *guard;
+        let Some(new) = f.pending.take() else { return };
+        if !f.locks_on_pending && self.locking {
+            // The permissions did not change: move the same locks to the new descriptor.
+            let state = f.locks;
+            lock::move_back(f.current.as_raw_fd(), new.as_raw_fd(), state);
+        }
+        f.locks_on_pending = false;
+        self.fd.store(new.as_raw_fd(), Ordering::Release);
+        let old = std::mem::replace(&mut f.current, new);
+        drop(guard);
+        // Reopens run in drained sections: no request uses the old descriptor any more.
+        self.drop_registrations();
+        drop(old);
+    }
+
+    fn reopen_abort(&self) {
+        let mut guard = self.files.lock();
+        let f = &mut *guard;
+        let Some(p) = f.pending.take() else { return };
+        if f.locks_on_pending {
+            lock::move_back(p.as_raw_fd(), f.current.as_raw_fd(), f.locks);
+            f.locks_on_pending = false;
+        }
+        drop(p);
     }
 
     fn request_alignment(&self) -> u32 {
@@ -616,7 +748,12 @@ mod inline {
             let rest = &mut buf[done..];
             // SAFETY: reads at most `rest.len()` bytes into the live slice `rest`.
             let n = unsafe {
-                libc::pread(fd, rest.as_mut_ptr().cast(), rest.len(), (offset + done as u64) as i64)
+                libc::pread(
+                    fd,
+                    rest.as_mut_ptr().cast(),
+                    rest.len(),
+                    (offset + done as u64) as i64,
+                )
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -640,7 +777,12 @@ mod inline {
             let rest = &buf[done..];
             // SAFETY: writes at most `rest.len()` bytes from the live slice `rest`.
             let n = unsafe {
-                libc::pwrite(fd, rest.as_ptr().cast(), rest.len(), (offset + done as u64) as i64)
+                libc::pwrite(
+                    fd,
+                    rest.as_ptr().cast(),
+                    rest.len(),
+                    (offset + done as u64) as i64,
+                )
             };
             if n < 0 {
                 let e = io::Error::last_os_error();
@@ -687,9 +829,15 @@ pub fn create_file(path: &Path, size: u64) -> Result<(), Error> {
         .open(path)
         .map_err(|e| open_error(&display, e))?;
     let mut st = LockState::default();
-    lock::apply(file.as_raw_fd(), &display, &mut st, lock::read_write_state())?;
-    file.set_len(0).and_then(|_| file.set_len(size)).map_err(|e| {
-        Error::io(format!("Could not resize '{display}' to {size} bytes"), e)
-    })?;
+    lock::apply(
+        file.as_raw_fd(),
+        &display,
+        &mut st,
+        lock::read_write_state(),
+    )?;
+    // The descriptor closes at the end of this function, releasing the locks.
+    file.set_len(0)
+        .and_then(|_| file.set_len(size))
+        .map_err(|e| Error::io(format!("Could not resize '{display}' to {size} bytes"), e))?;
     Ok(())
 }
