@@ -11,7 +11,7 @@ use engine::{Backend, IoBuf, IoThread};
 
 fn null_round_trip(c: &mut Criterion) {
     let t = IoThread::new().expect("io_uring");
-    let node = null::open("null0", null::NullOptions::default());
+    let node = null::open("null0", null::NullOptions::default()).unwrap();
     let backend = Backend::new(node, &[t.handle()]).unwrap();
     let mut g = c.benchmark_group("null");
     g.throughput(Throughput::Elements(1));
@@ -66,13 +66,21 @@ fn depth_reads(t: &IoThread, backend: &Backend, iters: u64, depth: u64, blocks: 
 
 fn tmpfs_reads(c: &mut Criterion) {
     const SIZE: u64 = 256 << 20;
-    let path = std::path::PathBuf::from(format!("/dev/shm/strata-bench-{}.img", std::process::id()));
+    let path =
+        std::path::PathBuf::from(format!("/dev/shm/strata-bench-{}.img", std::process::id()));
     std::fs::write(&path, vec![0x5a; SIZE as usize]).unwrap();
     let t = IoThread::new().expect("io_uring");
     let mut g = c.benchmark_group("tmpfs");
     g.throughput(Throughput::Elements(1));
-    for (label, aio) in [("inline", file::Aio::Auto), ("io_uring", file::Aio::IoUring)] {
-        let opts = file::FileOptions { read_only: true, aio, ..file::FileOptions::new(&path) };
+    for (label, aio) in [
+        ("inline", file::Aio::Auto),
+        ("io_uring", file::Aio::IoUring),
+    ] {
+        let opts = file::FileOptions {
+            read_only: true,
+            aio,
+            ..file::FileOptions::new(&path)
+        };
         let node = file::open("f0", &opts).unwrap();
         let backend = Backend::new(node, &[t.handle()]).unwrap();
         g.bench_function(format!("randread_4k_qd32_{label}"), |b| {

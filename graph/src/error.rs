@@ -76,11 +76,26 @@ impl Error {
         let mut cur: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(self);
         while let Some(e) = cur {
             s.push_str(": ");
-            s.push_str(&e.to_string());
+            s.push_str(&os_text(e));
             cur = e.source();
         }
         s
     }
+}
+
+/// An error's text; an OS error reads as its strerror text alone, as QEMU prints it
+/// ("No such file or directory", not "No such file or directory (os error 2)").
+fn os_text(e: &(dyn std::error::Error + 'static)) -> String {
+    let text = e.to_string();
+    if let Some(io) = e.downcast_ref::<std::io::Error>() {
+        if let Some(code) = io.raw_os_error() {
+            let suffix = format!(" (os error {code})");
+            if let Some(stripped) = text.strip_suffix(&suffix) {
+                return stripped.to_string();
+            }
+        }
+    }
+    text
 }
 
 impl fmt::Display for Error {

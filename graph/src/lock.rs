@@ -37,6 +37,7 @@ use std::sync::atomic::{fence, AtomicBool, Ordering};
 pub struct GraphLock {
     readers: PerThreadCounter,
     writer: AtomicBool,
+    #[cfg_attr(loom, allow(dead_code))]
     other_slot: usize,
 }
 

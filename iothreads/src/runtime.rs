@@ -46,7 +46,7 @@ const CANCEL_UD: u64 = u64::MAX - 1;
 /// `IORING_ENTER_GETEVENTS`: post (and optionally wait for) completions.
 const IORING_ENTER_GETEVENTS: u32 = 1;
 /// How many budget units a task gets per poll before [`crate::coop_yield`] makes it yield.
-pub(crate) const BUDGET: u32 = 128;
+pub(crate) const BUDGET: u32 = 32;
 
 /// Work handed to the loop from another thread.
 pub(crate) type Injected = Box<dyn FnOnce() + Send>;

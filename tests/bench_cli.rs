@@ -1,0 +1,481 @@
+//! End-to-end tests of `strata bench`: the built binary run as a user runs it.
+//!
+//! Each test keeps to a second or two: short `--runtime`s, small files, and `--driver=null`
+//! where only the engine is exercised. Nothing here asserts on timing.
+
+use std::fs::{self, File, OpenOptions};
+use std::io::{BufRead, BufReader};
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
+use std::os::unix::process::ExitStatusExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+/// A private directory, removed at drop.
+struct TmpDir(PathBuf);
+
+impl TmpDir {
+    fn new(tag: &str) -> TmpDir {
+        TmpDir::under(&std::env::temp_dir(), tag)
+    }
+
+    fn under(base: &Path, tag: &str) -> TmpDir {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let n = N.fetch_add(1, Ordering::Relaxed);
+        let p = base.join(format!(
+            "strata-bench-test-{}-{tag}-{n}",
+            std::process::id()
+        ));
+        fs::create_dir_all(&p).unwrap();
+        TmpDir(p)
+    }
+
+    fn file(&self, name: &str, len: u64) -> PathBuf {
+        let p = self.0.join(name);
+        File::create(&p).unwrap().set_len(len).unwrap();
+        p
+    }
+
+    fn entries(&self) -> Vec<String> {
+        fs::read_dir(&self.0)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect()
+    }
+}
+
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = fs::remove_dir_all(&self.0);
+    }
+}
+
+fn bench() -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_strata"));
+    c.arg("bench");
+    c
+}
+
+fn run(args: &[&str]) -> Output {
+    bench().args(args).output().unwrap()
+}
+
+fn stdout(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+
+fn stderr(o: &Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    assert!(o.status.success(), "failed: {}", stderr(o));
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {}", stdout(o)))
+}
+
+/// Exit code 1 and exactly one line on stderr, naming the problem.
+fn assert_one_line_error(o: &Output, needles: &[&str]) {
+    let err = stderr(o);
+    assert_eq!(o.status.code(), Some(1), "exit code; stderr: {err}");
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "one line expected, got: {err}");
+    assert!(lines[0].starts_with("strata bench: error: "), "{err}");
+    for n in needles {
+        assert!(lines[0].contains(n), "{n:?} not in: {err}");
+    }
+}
+
+fn arg(k: &str, v: impl AsRef<Path>) -> String {
+    format!("--{k}={}", v.as_ref().display())
+}
+
+#[test]
+fn default_run_works_and_removes_its_scratch_file() {
+    let dir = TmpDir::new("default");
+    let o = bench()
+        .arg("--runtime=1")
+        .env("TMPDIR", &dir.0)
+        .output()
+        .unwrap();
+    let out = stdout(&o);
+    assert!(o.status.success(), "stderr: {}", stderr(&o));
+    // The header names the scratch file.
+    let target = out
+        .lines()
+        .find_map(|l| l.strip_prefix("target: "))
+        .expect("a target line")
+        .split(' ')
+        .next()
+        .unwrap()
+        .to_string();
+    assert!(target.starts_with(dir.0.to_str().unwrap()), "{target}");
+    assert!(target.contains("strata-bench-"), "{target}");
+    assert!(
+        !Path::new(&target).exists(),
+        "scratch file left behind: {target}"
+    );
+    assert!(dir.entries().is_empty(), "left behind: {:?}", dir.entries());
+    for want in [
+        "rw=randrw",
+        "iodepth=32",
+        "read: IOPS=",
+        "write: IOPS=",
+        "clat percentiles",
+    ] {
+        assert!(out.contains(want), "{want:?} not in:\n{out}");
+    }
+    assert!(out.contains("Run status group 0 (all jobs):"), "{out}");
+    assert!(out.contains("cpu          : usr="), "{out}");
+    assert!(out.contains("iothread iothread-"), "{out}");
+}
+
+#[test]
+fn ctrl_c_stops_reports_and_removes_the_scratch_file() {
+    let dir = TmpDir::new("sigint");
+    let mut child = bench()
+        .args(["--runtime=30", "--size=16m"])
+        .env("TMPDIR", &dir.0)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let scratch = dir.0.join(format!("strata-bench-{}.img", child.id()));
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    for l in lines.by_ref() {
+        let l = l.unwrap();
+        seen.push_str(&l);
+        seen.push('\n');
+        if l.starts_with("Starting ") {
+            break;
+        }
+    }
+    assert!(
+        scratch.exists(),
+        "the scratch file should exist while running"
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    // SAFETY: kill only sends a signal to our own child.
+    unsafe { libc::kill(child.id() as i32, libc::SIGINT) };
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130), "signal {:?}", status.signal());
+    let rest = rest.join("\n");
+    assert!(
+        rest.contains("Run status group 0"),
+        "no report after Ctrl-C:\n{seen}{rest}"
+    );
+    assert!(!scratch.exists(), "scratch file left behind");
+    assert!(dir.entries().is_empty(), "left behind: {:?}", dir.entries());
+}
+
+#[test]
+fn bad_input_is_one_line_and_exit_1() {
+    let dir = TmpDir::new("bad");
+    let small = dir.file("small.img", 1 << 20);
+    let missing = dir.0.join("missing.img");
+    let missing_arg = arg("filename", &missing);
+    let small_arg = arg("filename", &small);
+    let cases: &[(&[&str], &[&str])] = &[
+        (
+            &[missing_arg.as_str()],
+            &["missing.img", "No such file or directory"],
+        ),
+        (
+            &["--driver=null", "--size=5000"],
+            &["--size=5000", "multiple of --bs"],
+        ),
+        (&["--driver=null", "--iodepth", "0"], &["--iodepth=0"]),
+        (
+            &["--driver=null", "--rw=sideways"],
+            &["sideways", "randrw", "randread"],
+        ),
+        (&["--driver=null", "--numjobs=0"], &["--numjobs=0"]),
+        (&["--driver=null", "--size=12q"], &["--size=12q"]),
+        (&["--driver=null", "--bs=abc"], &["--bs=abc"]),
+        (
+            &[small_arg.as_str(), "--size=2m"],
+            &["--size=2m", "beyond the end"],
+        ),
+        (&["--driver=null", "--numjobs=65"], &["--numjobs=65", "64"]),
+        (&["--verify=crc32c", "--bs=32"], &["--bs=32", "64"]),
+        (&["--verify=crc32c", "--numjobs=2"], &["offset_increment"]),
+        (
+            &["--driver=null", "--verify=crc32c"],
+            &["--verify", "--driver=file"],
+        ),
+        (&["--driver=bogus"], &["bogus"]),
+        (&["--output-format=xml"], &["xml"]),
+        // clap's own usage errors, reworded to one line.
+        (&["--no-such-option"], &["--no-such-option"]),
+        (&["--driver=null", "--bs"], &["--bs"]),
+    ];
+    for (args, needles) in cases {
+        let o = bench().args(*args).env("TMPDIR", &dir.0).output().unwrap();
+        assert!(!stderr(&o).contains("panicked"), "{args:?}: {}", stderr(&o));
+        assert_one_line_error(&o, needles);
+    }
+    assert!(
+        !missing.exists(),
+        "a missing --filename must not be created"
+    );
+    let mut left = dir.entries();
+    left.sort();
+    assert_eq!(left, vec!["small.img".to_string()], "files left behind");
+}
+
+#[test]
+fn bs_below_direct_alignment_is_refused() {
+    // A real disk folder: tmpfs may not take O_DIRECT at all.
+    let base = Path::new("/var/tmp");
+    let dir = if base.is_dir() {
+        TmpDir::under(base, "direct")
+    } else {
+        TmpDir::new("direct")
+    };
+    let f = dir.file("d.img", 1 << 20);
+    let o = run(&[
+        &arg("filename", &f),
+        "--direct=1",
+        "--bs=256",
+        "--rw=randread",
+    ]);
+    if stderr(&o).contains("does not support O_DIRECT") {
+        eprintln!("skipped: {} does not support O_DIRECT", dir.0.display());
+        return;
+    }
+    assert_one_line_error(&o, &["--bs=256", "O_DIRECT alignment"]);
+    // The scratch file of a default run is removed on this error too.
+    let o = bench()
+        .args(["--direct=1", "--bs=256"])
+        .env("TMPDIR", &dir.0)
+        .output()
+        .unwrap();
+    assert_one_line_error(&o, &["--bs=256", "O_DIRECT alignment"]);
+    assert_eq!(dir.entries(), vec!["d.img".to_string()]);
+}
+
+fn byte_locked(path: &Path, byte: i64) -> bool {
+    let f = File::open(path).unwrap();
+    // SAFETY: an all-zero flock is valid; the fields that matter are set below.
+    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
+    fl.l_type = libc::F_WRLCK as i16;
+    fl.l_whence = libc::SEEK_SET as i16;
+    fl.l_start = byte;
+    fl.l_len = 1;
+    // SAFETY: F_OFD_GETLK reads and writes the flock we pass.
+    let r = unsafe {
+        libc::fcntl(
+            f.as_raw_fd(),
+            libc::F_OFD_GETLK,
+            &mut fl as *mut libc::flock,
+        )
+    };
+    r == 0 && fl.l_type != libc::F_UNLCK as i16
+}
+
+#[test]
+fn image_locked_by_qemu_io_is_refused() {
+    if Command::new("qemu-io").arg("--version").output().is_err() {
+        eprintln!("skipped: qemu-io is not installed");
+        return;
+    }
+    let dir = TmpDir::new("lock");
+    let f = dir.file("locked.img", 1 << 20);
+    let mut holder = Command::new("qemu-io")
+        .args(["-f", "raw"])
+        .arg(&f)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !byte_locked(&f, 100) {
+        assert!(Instant::now() < deadline, "qemu-io never locked the image");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let o = run(&[&arg("filename", &f), "--rw=randrw", "--runtime=1"]);
+    drop(holder.stdin.take());
+    let _ = holder.kill();
+    let _ = holder.wait();
+    assert_one_line_error(&o, &["lock", "locked.img"]);
+}
+
+#[test]
+fn json_output_is_fio_shaped() {
+    let o = run(&[
+        "--driver=null",
+        "--rw=randread",
+        "--iodepth=4",
+        "--runtime=1",
+        "--output-format=json",
+    ]);
+    let v = json(&o);
+    assert!(v["fio version"].as_str().unwrap().starts_with("strata-"));
+    assert!(v["timestamp"].as_u64().unwrap() > 0);
+    assert!(v["time"].is_string());
+    assert_eq!(v["global options"]["rw"], "randread");
+    let job = &v["jobs"][0];
+    assert_eq!(job["jobname"], "job");
+    assert_eq!(job["groupid"], 0);
+    assert_eq!(job["error"], 0);
+    assert!(job.get("drain").is_none());
+    assert_eq!(job["job options"]["rw"], "randread");
+    assert_eq!(job["job options"]["iodepth"], "4");
+    let read = &job["read"];
+    assert!(read["iops"].as_f64().unwrap() > 0.0);
+    assert!(read["total_ios"].as_u64().unwrap() > 0);
+    assert!(read["io_bytes"].as_u64().unwrap() > 0);
+    assert!(read["bw"].as_u64().is_some() && read["bw_bytes"].as_u64().is_some());
+    assert!(read["runtime"].as_u64().unwrap() > 0);
+    let p = &read["clat_ns"]["percentile"];
+    for k in [
+        "1.000000",
+        "50.000000",
+        "99.000000",
+        "99.900000",
+        "99.990000",
+    ] {
+        assert!(p[k].as_u64().is_some(), "percentile {k} missing: {p}");
+    }
+    assert!(read["clat_ns"]["N"].as_u64().unwrap() > 0);
+    assert_eq!(read["lat_ns"]["N"], read["clat_ns"]["N"]);
+    assert_eq!(read["slat_ns"]["N"], 0);
+    assert_eq!(job["write"]["total_ios"], 0);
+    assert_eq!(job["trim"]["total_ios"], 0);
+    assert_eq!(job["sync"]["total_ios"], 0);
+    assert!(job["usr_cpu"].as_f64().is_some() && job["sys_cpu"].as_f64().is_some());
+    assert!(job["ctx"].as_u64().is_some());
+    assert!(job["iothread"]["name"]
+        .as_str()
+        .unwrap()
+        .starts_with("iothread-"));
+}
+
+#[test]
+fn size_based_jobs_do_size_over_bs_requests() {
+    for rw in ["read", "randread", "write", "randwrite", "rw"] {
+        let o = run(&[
+            "--driver=null",
+            &format!("--rw={rw}"),
+            "--size=4m",
+            "--time_based=0",
+            "--iodepth=8",
+            "--output-format=json",
+        ]);
+        let v = json(&o);
+        let job = &v["jobs"][0];
+        let ios = job["read"]["total_ios"].as_u64().unwrap()
+            + job["write"]["total_ios"].as_u64().unwrap();
+        assert_eq!(ios, 1024, "{rw}");
+    }
+    // Both spellings of an option's value, as fio takes them.
+    let o = bench()
+        .args([
+            "--driver", "null", "--rw", "randread", "--bs", "8k", "--size", "1m",
+        ])
+        .args(["--time_based=0", "--output-format", "json"])
+        .output()
+        .unwrap();
+    let v = json(&o);
+    assert_eq!(v["jobs"][0]["job options"]["bs"], "8192");
+    assert_eq!(v["jobs"][0]["read"]["total_ios"], 128);
+}
+
+#[test]
+fn several_null_jobs_each_on_their_iothread() {
+    let o = run(&[
+        "--driver=null",
+        "--numjobs=2",
+        "--rw=randrw",
+        "--runtime=1",
+        "--ramp_time=0.2",
+        "--offset_increment=1g",
+        "--size=1g",
+        "--output-format=json",
+    ]);
+    let v = json(&o);
+    let jobs = v["jobs"].as_array().unwrap();
+    assert_eq!(jobs.len(), 2);
+    assert_ne!(jobs[0]["iothread"]["name"], jobs[1]["iothread"]["name"]);
+    assert_eq!(jobs[1]["job options"]["offset"], (1u64 << 30).to_string());
+    for j in jobs {
+        assert!(j["read"]["total_ios"].as_u64().unwrap() > 0);
+        assert!(j["write"]["total_ios"].as_u64().unwrap() > 0);
+    }
+}
+
+#[test]
+fn verify_two_jobs_randrw_passes() {
+    let dir = TmpDir::new("verify2");
+    let f = dir.file("v.img", 8 << 20);
+    let o = run(&[
+        &arg("filename", &f),
+        "--numjobs=2",
+        "--size=4m",
+        "--offset_increment=4m",
+        "--rw=randrw",
+        "--verify=crc32c",
+        "--iodepth=8",
+        "--runtime=1",
+        "--time_based",
+    ]);
+    assert!(o.status.success(), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    assert_eq!(out.matches("of written blocks checked").count(), 2, "{out}");
+    assert!(!out.contains("err=84"), "{out}");
+}
+
+#[test]
+fn verify_catches_a_corrupted_block() {
+    let dir = TmpDir::new("corrupt");
+    let f = dir.file("c.img", 1 << 20);
+    let o = run(&[
+        &arg("filename", &f),
+        "--rw=write",
+        "--verify=crc32c",
+        "--iodepth=4",
+    ]);
+    assert!(o.status.success(), "stderr: {}", stderr(&o));
+    assert!(
+        stdout(&o).contains("256 blocks (1024KiB) read back and checked"),
+        "{}",
+        stdout(&o)
+    );
+    // A clean re-read passes.
+    let o = run(&[
+        &arg("filename", &f),
+        "--rw=randread",
+        "--verify=crc32c",
+        "--iodepth=4",
+    ]);
+    assert!(o.status.success(), "stderr: {}", stderr(&o));
+    // Flip one payload byte of the second block.
+    let file = OpenOptions::new().read(true).write(true).open(&f).unwrap();
+    let mut b = [0u8; 1];
+    file.read_exact_at(&mut b, 4096 + 100).unwrap();
+    b[0] ^= 0x5a;
+    file.write_all_at(&b, 4096 + 100).unwrap();
+    drop(file);
+    let o = run(&[
+        &arg("filename", &f),
+        "--rw=read",
+        "--verify=crc32c",
+        "--iodepth=4",
+    ]);
+    assert_one_line_error(&o, &["verify", "bad crc32c at offset 4096"]);
+    assert!(stdout(&o).contains("err=84"), "{}", stdout(&o));
+    // JSON carries errno EILSEQ.
+    let o = run(&[
+        &arg("filename", &f),
+        "--rw=read",
+        "--verify=crc32c",
+        "--output-format=json",
+    ]);
+    assert_eq!(o.status.code(), Some(1));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(v["jobs"][0]["error"], 84);
+}
