@@ -8,8 +8,10 @@
 //!   thread, so requests from one submitting thread keep their order.
 //!
 //! Requests are checked against the root's length here, as a guest device would (QEMU's
-//! `blk_check_byte_request`), and each request first takes one unit of its task's budget so
-//! that requests which complete at once (null, cache hits) cannot starve the loop.
+//! `blk_check_byte_request`). A request enters (or joins the held FIFO) in its first poll, with
+//! no await before, so requests from one IoThread reach the root in the order they were
+//! submitted; after it completes it takes one unit of its task's budget, so that requests which
+//! complete at once (null, cache hits) cannot starve the loop.
 //!
 //! # Drain and held requests
 //!
@@ -306,13 +308,15 @@ impl Backend {
                     .await,
             );
         };
-        iothreads::coop_yield().await;
-        let _in = self.enter(t).await;
+        let entered = self.enter(t).await;
         let root = self.root();
-        if let Err(e) = self.check(&root, offset, buf.len() as u64) {
-            return (Err(e), buf);
-        }
-        root.read(offset, buf).await
+        let r = match self.check(&root, offset, buf.len() as u64) {
+            Err(e) => (Err(e), buf),
+            Ok(()) => root.read(offset, buf).await,
+        };
+        drop(entered);
+        iothreads::coop_yield().await;
+        r
     }
 
     /// Writes `buf` at `offset`.
@@ -330,13 +334,15 @@ impl Backend {
                     .await,
             );
         };
-        iothreads::coop_yield().await;
-        let _in = self.enter(t).await;
+        let entered = self.enter(t).await;
         let root = self.root();
-        if let Err(e) = self.check(&root, offset, buf.len() as u64) {
-            return (Err(e), buf);
-        }
-        root.write(offset, buf, flags).await
+        let r = match self.check(&root, offset, buf.len() as u64) {
+            Err(e) => (Err(e), buf),
+            Ok(()) => root.write(offset, buf, flags).await,
+        };
+        drop(entered);
+        iothreads::coop_yield().await;
+        r
     }
 
     /// Makes `len` bytes at `offset` read as zeroes.
@@ -348,11 +354,15 @@ impl Backend {
                 .spawn_with(move || async move { me.write_zeroes(offset, len, flags).await })
                 .await?;
         };
-        iothreads::coop_yield().await;
-        let _in = self.enter(t).await;
+        let entered = self.enter(t).await;
         let root = self.root();
-        self.check(&root, offset, len)?;
-        root.write_zeroes(offset, len, flags).await
+        let r = match self.check(&root, offset, len) {
+            Err(e) => Err(e),
+            Ok(()) => root.write_zeroes(offset, len, flags).await,
+        };
+        drop(entered);
+        iothreads::coop_yield().await;
+        r
     }
 
     /// Discards `len` bytes at `offset`.
@@ -364,11 +374,15 @@ impl Backend {
                 .spawn_with(move || async move { me.discard(offset, len).await })
                 .await?;
         };
-        iothreads::coop_yield().await;
-        let _in = self.enter(t).await;
+        let entered = self.enter(t).await;
         let root = self.root();
-        self.check(&root, offset, len)?;
-        root.discard(offset, len).await
+        let r = match self.check(&root, offset, len) {
+            Err(e) => Err(e),
+            Ok(()) => root.discard(offset, len).await,
+        };
+        drop(entered);
+        iothreads::coop_yield().await;
+        r
     }
 
     /// Makes every completed write durable.

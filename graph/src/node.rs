@@ -165,6 +165,9 @@ impl Node {
     /// A node served by `driver`. `name` None gets QEMU-style automatic name `#blockNNN`.
     /// Fails if the name is malformed or taken.
     pub fn new(name: Option<&str>, driver: Box<dyn Driver>, read_only: bool) -> Result<Arc<Node>> {
+        // Under the mutation lock: a permission refresh holds every node for a moment, so a
+        // node just dropped elsewhere is really gone (and its name free) once we get the lock.
+        let _m = crate::txn::mutation();
         let mut reg = registry().lock();
         let name = match name {
             Some(n) => {
