@@ -2,8 +2,12 @@
 //! block jobs and exports. An embedder links this crate alone and drives it with typed calls.
 
 pub mod backend;
+pub mod controller;
 pub mod drivers;
+pub mod engine;
 
-pub use backend::Backend;
+pub use backend::{Backend, BackendOptions};
+pub use controller::{ChangeCtx, Controller};
+pub use engine::{ChildSpec, DriverSpec, Engine, EngineOptions, NodeSpec};
 pub use graph::{Error, ErrorKind, Node, Perm, WriteFlags, ZeroFlags};
 pub use iothreads::{IoBuf, IoThread, IoThreadHandle, IoThreadOptions};

@@ -42,8 +42,9 @@ pub trait Driver: Any + Send + Sync + 'static {
     /// The driver's name as QMP shows it (`file`, `null-co`, `raw`, `qcow2`, ...).
     fn driver_name(&self) -> &'static str;
 
-    /// The node's length in bytes.
-    fn length(&self) -> u64;
+    /// The node's length in bytes (`node` is the node this driver serves: a filter answers
+    /// with its child's length).
+    fn length(&self, node: &Node) -> u64;
 
     /// Reads `buf.len()` bytes at `offset` into `buf`'s window.
     fn read<'a>(

@@ -228,7 +228,7 @@ impl Node {
 
     /// Length in bytes.
     pub fn len(&self) -> u64 {
-        self.driver().length()
+        self.driver().length(self)
     }
 
     /// Whether the node has no bytes.

@@ -68,7 +68,7 @@ impl Driver for Leaf {
     fn driver_name(&self) -> &'static str {
         "leaf"
     }
-    fn length(&self) -> u64 {
+    fn length(&self, _: &Node) -> u64 {
         self.len
     }
     plain_io!();
@@ -78,7 +78,7 @@ impl Driver for Filter {
     fn driver_name(&self) -> &'static str {
         "filter"
     }
-    fn length(&self) -> u64 {
+    fn length(&self, _: &Node) -> u64 {
         0
     }
     fn is_filter(&self) -> bool {
@@ -91,7 +91,7 @@ impl Driver for Format {
     fn driver_name(&self) -> &'static str {
         "format"
     }
-    fn length(&self) -> u64 {
+    fn length(&self, _: &Node) -> u64 {
         0
     }
     fn child_perms(&self, role: Role, perm: Perm, shared: Perm, ro: bool) -> (Perm, Perm) {

@@ -59,13 +59,14 @@ pub struct JoinHandle<T> {
     state: Arc<State<T>>,
 }
 
-/// The task's end of a [`JoinHandle`].
-pub(crate) struct JoinSender<T> {
+/// The producing end of a [`JoinHandle`]: a task's, or any code's that hands a result to
+/// another thread. Dropping it unsent resolves the handle to [`JoinError::Cancelled`].
+pub struct JoinSender<T> {
     state: Option<Arc<State<T>>>,
 }
 
-/// A connected sender and handle.
-pub(crate) fn channel<T>() -> (JoinSender<T>, JoinHandle<T>) {
+/// A connected sender and handle (a one-shot channel usable across threads and executors).
+pub fn channel<T>() -> (JoinSender<T>, JoinHandle<T>) {
     let state = Arc::new(State {
         inner: Mutex::new(Inner {
             result: None,
@@ -83,7 +84,13 @@ pub(crate) fn channel<T>() -> (JoinSender<T>, JoinHandle<T>) {
 }
 
 impl<T> JoinSender<T> {
-    pub(crate) fn send(mut self, value: Result<T, JoinError>) {
+    /// Resolves the handle with `value`.
+    pub fn complete(self, value: T) {
+        self.send(Ok(value));
+    }
+
+    /// Resolves the handle with a result.
+    pub fn send(mut self, value: Result<T, JoinError>) {
         if let Some(state) = self.state.take() {
             complete(&state, value);
         }

@@ -30,14 +30,14 @@
 
 pub mod buf;
 mod fixed;
-mod join;
+pub mod join;
 pub mod op;
 mod runtime;
 mod thread;
 pub mod wake;
 
 pub use buf::{BufResult, IoBuf, DEFAULT_ALIGN};
-pub use join::{JoinError, JoinHandle};
+pub use join::{JoinError, JoinHandle, JoinSender};
 pub use op::Fd;
 pub use thread::{
     alloc_buf, coop_yield, current, current_index, handle_by_index, ops_in_flight, register_file,

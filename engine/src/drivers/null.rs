@@ -43,6 +43,11 @@ pub fn open(name: &str, opts: NullOptions) -> Result<Arc<Node>, Error> {
 }
 
 impl NullDriver {
+    /// A driver with `opts`.
+    pub fn new(opts: NullOptions) -> Self {
+        NullDriver { opts }
+    }
+
     async fn delay(&self) -> io::Result<()> {
         if self.opts.latency_ns > 0 {
             iothreads::op::sleep(Duration::from_nanos(self.opts.latency_ns)).await?;
@@ -56,7 +61,7 @@ impl Driver for NullDriver {
         "null-co"
     }
 
-    fn length(&self) -> u64 {
+    fn length(&self, _: &Node) -> u64 {
         self.opts.size
     }
 

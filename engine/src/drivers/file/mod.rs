@@ -606,7 +606,7 @@ impl Driver for FileDriver {
         }
     }
 
-    fn length(&self) -> u64 {
+    fn length(&self, _: &Node) -> u64 {
         self.len.load(Ordering::Acquire)
     }
 

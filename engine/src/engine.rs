@@ -1,0 +1,308 @@
+//! The engine an embedder holds: IoThreads, the controller, and the nodes the user added.
+//!
+//! Every method that changes the graph runs as a change on the controller, so changes never
+//! interleave. Nodes added with [`Engine::add_node`] are owned by the engine (as QEMU's monitor
+//! owns blockdev-add'ed nodes) until [`Engine::del_node`]; nodes created inline as children
+//! live as long as their parents.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use graph::{Error, ErrorKind, Node, Result, Role};
+use iothreads::{IoThread, IoThreadHandle, IoThreadOptions};
+use parking_lot::Mutex;
+
+use crate::backend::{Backend, BackendOptions};
+use crate::controller::{ChangeCtx, Controller};
+use crate::drivers::blkdebug::{BlkdebugDriver, BlkdebugOptions};
+use crate::drivers::file::{FileDriver, FileOptions};
+use crate::drivers::null::{NullDriver, NullOptions};
+
+/// A child given by node-name or as a spec of its own (QMP's "reference or inline").
+#[derive(Debug, Clone)]
+pub enum ChildSpec {
+    /// An existing node.
+    Name(String),
+    /// A new node, created with its parent.
+    Spec(Box<NodeSpec>),
+}
+
+/// Which driver, with its options.
+#[derive(Debug, Clone)]
+pub enum DriverSpec {
+    /// `file`.
+    File(FileOptions),
+    /// `null-co`.
+    Null(NullOptions),
+    /// `blkdebug` over `image`.
+    Blkdebug {
+        /// The filtered child.
+        image: ChildSpec,
+        /// Options.
+        opts: BlkdebugOptions,
+    },
+}
+
+/// What to open.
+#[derive(Debug, Clone)]
+pub struct NodeSpec {
+    /// The node-name (None: an automatic `#blockNNN`).
+    pub node_name: Option<String>,
+    /// Open read-only.
+    pub read_only: bool,
+    /// The driver.
+    pub driver: DriverSpec,
+}
+
+/// How many IoThreads to start, and how.
+#[derive(Debug, Clone)]
+pub struct EngineOptions {
+    /// IoThreads (at least one; the first also serves the controller's I/O).
+    pub iothreads: usize,
+    /// Ring options of every IoThread.
+    pub iothread_options: IoThreadOptions,
+}
+
+impl Default for EngineOptions {
+    fn default() -> Self {
+        EngineOptions {
+            iothreads: 1,
+            iothread_options: IoThreadOptions::default(),
+        }
+    }
+}
+
+/// The engine.
+pub struct Engine {
+    // Field order is drop order: the controller stops (finishing closes on an IoThread)
+    // before the IoThreads do.
+    controller: Controller,
+    owned: Arc<Mutex<BTreeMap<String, Arc<Node>>>>,
+    iothreads: Vec<IoThread>,
+}
+
+fn not_found(name: &str) -> Error {
+    Error::new(
+        ErrorKind::NotFound,
+        format!("Cannot find device='{name}' nor node-name='{name}'"),
+    )
+}
+
+/// Looks a node up by name (engine-owned or any live node).
+pub fn lookup(name: &str) -> Result<Arc<Node>> {
+    graph::find_node(name).ok_or_else(|| not_found(name))
+}
+
+/// Opens `spec` (and its inline children) inside a change.
+fn open_spec(ctx: &ChangeCtx, spec: &NodeSpec) -> Result<Arc<Node>> {
+    if let Some(n) = &spec.node_name {
+        graph::check_node_name(n)?;
+        if graph::find_node(n).is_some() {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("Duplicate nodes with node-name='{n}'"),
+            ));
+        }
+    }
+    let name = spec.node_name.as_deref();
+    match &spec.driver {
+        DriverSpec::File(o) => {
+            let o = FileOptions {
+                read_only: spec.read_only || o.read_only,
+                ..o.clone()
+            };
+            let d = FileDriver::open(&o)?;
+            Node::new(name, Box::new(d), o.read_only)
+        }
+        DriverSpec::Null(o) => {
+            Node::new(name, Box::new(NullDriver::new(o.clone())), spec.read_only)
+        }
+        DriverSpec::Blkdebug { image, opts } => {
+            let child = child_node(ctx, image)?;
+            let node = Node::new(
+                name,
+                Box::new(BlkdebugDriver::new(opts.clone())),
+                spec.read_only,
+            )?;
+            ctx.transaction(|tx| tx.attach_child(&node, &child, Role::Filtered).map(drop))?;
+            Ok(node)
+        }
+    }
+}
+
+fn child_node(ctx: &ChangeCtx, c: &ChildSpec) -> Result<Arc<Node>> {
+    match c {
+        ChildSpec::Name(n) => lookup(n),
+        ChildSpec::Spec(s) => open_spec(ctx, s),
+    }
+}
+
+impl Engine {
+    /// Starts IoThreads and the controller.
+    pub fn new(opts: EngineOptions) -> Result<Engine> {
+        let n = opts.iothreads.max(1);
+        let mut iothreads = Vec::with_capacity(n);
+        for i in 0..n {
+            let o = IoThreadOptions {
+                name: Some(format!("iothread{i}")),
+                ..opts.iothread_options.clone()
+            };
+            iothreads.push(IoThread::with_options(o).map_err(|e| {
+                let msg = e.to_string();
+                Error::new(ErrorKind::Unsupported, msg).with_source(e)
+            })?);
+        }
+        let controller = Controller::start(iothreads[0].handle())?;
+        Ok(Engine {
+            controller,
+            owned: Arc::new(Mutex::new(BTreeMap::new())),
+            iothreads,
+        })
+    }
+
+    /// The controller.
+    pub fn controller(&self) -> &Controller {
+        &self.controller
+    }
+
+    /// IoThread `i`.
+    pub fn iothread(&self, i: usize) -> Option<IoThreadHandle> {
+        self.iothreads.get(i).map(|t| t.handle())
+    }
+
+    /// Every IoThread.
+    pub fn iothreads(&self) -> Vec<IoThreadHandle> {
+        self.iothreads.iter().map(|t| t.handle()).collect()
+    }
+
+    /// Opens a node and keeps it (QMP's blockdev-add).
+    pub fn add_node(&self, spec: NodeSpec) -> Result<Arc<Node>> {
+        let owned = Arc::clone(&self.owned);
+        self.controller.change_blocking(move |ctx| async move {
+            let node = open_spec(&ctx, &spec)?;
+            owned
+                .lock()
+                .insert(node.name().to_string(), Arc::clone(&node));
+            Ok(node)
+        })
+    }
+
+    /// Releases a node added with [`Engine::add_node`] (QMP's blockdev-del). Refused while
+    /// anything else uses it.
+    pub fn del_node(&self, name: &str) -> Result<()> {
+        let owned = Arc::clone(&self.owned);
+        let name = name.to_string();
+        self.controller.change_blocking(move |_ctx| async move {
+            let mut map = owned.lock();
+            let Some(node) = map.get(&name) else {
+                return Err(Error::new(
+                    ErrorKind::NotFound,
+                    format!("Failed to find node with node-name='{name}'"),
+                ));
+            };
+            let parents = node.parents();
+            if parents.iter().any(|e| e.role() == Role::Root) {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("Node {name} is in use"),
+                ));
+            }
+            if !parents.is_empty() {
+                return Err(Error::new(
+                    ErrorKind::Busy,
+                    format!("Block device {name} is in use"),
+                ));
+            }
+            map.remove(&name);
+            Ok(())
+        })
+    }
+
+    /// A node by name.
+    pub fn node(&self, name: &str) -> Result<Arc<Node>> {
+        lookup(name)
+    }
+
+    /// A backend over the named node, served by `threads` (all IoThreads if empty).
+    pub fn backend(
+        &self,
+        node: &str,
+        threads: &[IoThreadHandle],
+        opts: BackendOptions,
+    ) -> Result<Backend> {
+        let root = lookup(node)?;
+        let threads = if threads.is_empty() {
+            self.iothreads()
+        } else {
+            threads.to_vec()
+        };
+        Backend::with_options(root, &threads, opts)
+    }
+
+    /// Drains `node` (and everything above it), runs `f` on the drained graph, ends the drain.
+    pub fn with_drained<R: Send + 'static>(
+        &self,
+        node: &str,
+        f: impl FnOnce(&ChangeCtx, &Arc<Node>) -> Result<R> + Send + 'static,
+    ) -> Result<R> {
+        let name = node.to_string();
+        self.controller.change_blocking(move |ctx| async move {
+            let node = lookup(&name)?;
+            let drained = ctx.drain(std::slice::from_ref(&node)).await;
+            let r = f(&ctx, &node);
+            drained.end();
+            r
+        })
+    }
+
+    /// Makes `backing` the backing node of `node` (None: no backing), after draining `node`.
+    pub fn set_backing(&self, node: &str, backing: Option<&str>) -> Result<()> {
+        let backing = backing.map(str::to_string);
+        self.with_drained(node, move |ctx, n| {
+            // Looked up now, after the drain, inside the change.
+            let b = backing.as_deref().map(lookup).transpose()?;
+            ctx.transaction(|tx| tx.set_backing(n, b.as_ref()))
+        })
+    }
+
+    /// Opens `filter` (a filter spec whose child is `below`) and puts it above `below` under
+    /// all of `below`'s parents.
+    pub fn insert_filter(&self, below: &str, filter: NodeSpec) -> Result<Arc<Node>> {
+        let owned = Arc::clone(&self.owned);
+        let name = below.to_string();
+        self.controller.change_blocking(move |ctx| async move {
+            let below = lookup(&name)?;
+            let f = open_spec(&ctx, &filter)?;
+            let drained = ctx.drain(std::slice::from_ref(&below)).await;
+            let r = ctx.transaction(|tx| tx.insert_filter(&f, &below));
+            drained.end();
+            r?;
+            if filter.node_name.is_some() {
+                owned.lock().insert(f.name().to_string(), Arc::clone(&f));
+            }
+            Ok(f)
+        })
+    }
+
+    /// Takes a filter out of the graph: its parents point at its child again.
+    pub fn drop_filter(&self, filter: &str) -> Result<()> {
+        let owned = Arc::clone(&self.owned);
+        let name = filter.to_string();
+        self.controller.change_blocking(move |ctx| async move {
+            let f = lookup(&name)?;
+            let drained = ctx.drain(std::slice::from_ref(&f)).await;
+            let r = ctx.transaction(|tx| tx.drop_filter(&f));
+            drained.end();
+            r?;
+            owned.lock().remove(&name);
+            Ok(())
+        })
+    }
+
+    /// Reopens a node read-only or read-write, moving its image locks without a window.
+    pub fn reopen(&self, node: &str, read_only: bool) -> Result<()> {
+        self.with_drained(node, move |ctx, n| {
+            ctx.transaction(|tx| tx.set_read_only(n, read_only))
+        })
+    }
+}
