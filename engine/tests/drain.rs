@@ -232,11 +232,11 @@ fn drains_nest_and_overlap() {
     .unwrap();
     let d1 = {
         let _m = graph::mutation();
-        graph::drained_begin(&[node.clone()])
+        graph::drained_begin(std::slice::from_ref(&node))
     };
     let d2 = {
         let _m = graph::mutation();
-        graph::drained_begin(&[node.clone()])
+        graph::drained_begin(std::slice::from_ref(&node))
     };
     d1.wait_blocking();
     assert_eq!(node.quiesce_count(), 2);
