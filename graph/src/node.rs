@@ -255,6 +255,11 @@ impl Node {
         self.in_flight.sum()
     }
 
+    /// Requests in flight through this node on IoThread `thread`.
+    pub fn in_flight_on(&self, thread: usize) -> u64 {
+        self.in_flight.get(thread)
+    }
+
     /// How many drained sections cover this node now.
     pub fn quiesce_count(&self) -> u32 {
         self.quiesce.load(Ordering::SeqCst)

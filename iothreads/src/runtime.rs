@@ -403,6 +403,10 @@ impl Local {
         }
     }
 
+    pub(crate) fn runnable(&self) -> usize {
+        self.run_queue.borrow().len()
+    }
+
     pub(crate) fn op_count(&self) -> usize {
         self.ops.borrow().len()
     }

@@ -494,6 +494,14 @@ pub fn ops_in_flight() -> usize {
     with_local(|l| l.op_count()).unwrap_or(0)
 }
 
+/// Whether the current IoThread has other work going: ops in the kernel or tasks ready to
+/// run. A driver that could do a short job either inline or through the ring uses this to
+/// choose: inline when alone (no ring round trip), the ring when there is company (so the
+/// kernel's workers run in parallel with the loop).
+pub fn is_busy() -> bool {
+    with_local(|l| l.op_count() > 0 || l.runnable() > 0).unwrap_or(false)
+}
+
 /// A buffer for I/O on the current IoThread: a slot of its registered pool when it has one with
 /// a slot free and large enough, else a plain aligned buffer.
 pub fn alloc_buf(len: usize) -> IoBuf {

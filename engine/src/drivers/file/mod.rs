@@ -7,12 +7,15 @@
 //! - Zeroes and discard use `fallocate` (`ZERO_RANGE`, `PUNCH_HOLE`); flush is `fdatasync`.
 //! - Image locks follow QEMU's byte-range scheme ([`lock`]), so strata and QEMU refuse to write
 //!   one image at once.
-//! - I/O mode (`aio`): `io_uring` always uses the ring; `inline` uses plain `preadv`/`pwritev`
-//!   on the IoThread; `auto` (default) picks `inline` only for files on tmpfs/ramfs whose reads
-//!   do not support `RWF_NOWAIT` (probed once at open): there io_uring can only punt every
-//!   request to a kernel worker, while a plain syscall is a memory copy that never blocks. Any
-//!   other file, even one that lacks `RWF_NOWAIT` (NFS, FUSE), stays on the ring, since a plain
-//!   syscall there could block the IoThread.
+//! - I/O mode (`aio`): `io_uring` always uses the ring; `inline` uses plain `pread`/`pwrite`
+//!   on the IoThread; `auto` (default) uses the ring, except for files on tmpfs/ramfs whose
+//!   reads do not support `RWF_NOWAIT` (probed once at open). There io_uring can only punt each
+//!   request to a kernel worker (about 22k IOPS at depth 1), while a plain syscall is a memory
+//!   copy that never blocks; but at depth, the workers copy on other cores in parallel. So on
+//!   such files `auto` is a hybrid: a request runs inline when its IoThread has nothing else
+//!   going (no op in the kernel, no other task ready), and goes to the ring when it has
+//!   company. Any other file, even one that lacks
+//!   `RWF_NOWAIT` (NFS, FUSE), stays on the ring, since a plain syscall there could block.
 //! - A write past the end grows the file (as a format node writing its file needs), and reads
 //!   past the end return zeroes.
 
@@ -110,6 +113,8 @@ impl FileOptions {
 enum Mode {
     Ring,
     Inline,
+    /// Inline when the request is alone in flight on its IoThread, else the ring.
+    Hybrid,
 }
 
 const FIXED_UNTRIED: i64 = -2;
@@ -277,7 +282,7 @@ impl FileDriver {
             Aio::Inline => Mode::Inline,
             Aio::Auto => {
                 if on_tmpfs(fd) && !supports_nowait(fd, req_align) {
-                    Mode::Inline
+                    Mode::Hybrid
                 } else {
                     Mode::Ring
                 }
@@ -326,9 +331,19 @@ impl FileDriver {
         (self.mem_align, self.req_align)
     }
 
-    /// Whether requests use plain syscalls on the IoThread instead of the ring.
+    /// Whether requests may use plain syscalls on the IoThread instead of the ring.
     pub fn is_inline(&self) -> bool {
-        self.mode == Mode::Inline
+        self.mode != Mode::Ring
+    }
+
+    /// Whether this request runs as a plain syscall.
+    #[inline]
+    fn inline_now(&self, _node: &Node) -> bool {
+        match self.mode {
+            Mode::Ring => false,
+            Mode::Inline => true,
+            Mode::Hybrid => !iothreads::is_busy(),
+        }
     }
 
     /// The image locks now held.
@@ -397,43 +412,45 @@ impl FileDriver {
 
     // ---- raw transfers: aligned (or buffered) requests, by mode ----
 
-    async fn raw_read(&self, offset: u64, buf: IoBuf) -> BufResult<()> {
-        match self.mode {
-            Mode::Ring => read_exact_at(self.fd(), offset, buf).await,
-            Mode::Inline => inline::pread_exact(self.raw_fd(), offset, buf),
+    async fn raw_read(&self, inline: bool, offset: u64, buf: IoBuf) -> BufResult<()> {
+        if inline {
+            inline::pread_exact(self.raw_fd(), offset, buf)
+        } else {
+            read_exact_at(self.fd(), offset, buf).await
         }
     }
 
-    async fn raw_write(&self, offset: u64, buf: IoBuf) -> BufResult<()> {
-        match self.mode {
-            Mode::Ring => write_all_at(self.fd(), offset, buf).await,
-            Mode::Inline => inline::pwrite_all(self.raw_fd(), offset, buf),
+    async fn raw_write(&self, inline: bool, offset: u64, buf: IoBuf) -> BufResult<()> {
+        if inline {
+            inline::pwrite_all(self.raw_fd(), offset, buf)
+        } else {
+            write_all_at(self.fd(), offset, buf).await
         }
     }
 
     async fn datasync(&self) -> io::Result<()> {
         match self.mode {
             Mode::Ring => op::fdatasync(self.fd()).await,
-            Mode::Inline => inline::fdatasync(self.raw_fd()),
+            Mode::Inline | Mode::Hybrid => inline::fdatasync(self.raw_fd()),
         }
     }
 
     async fn fallocate(&self, mode: i32, offset: u64, len: u64) -> io::Result<()> {
         match self.mode {
             Mode::Ring => op::fallocate(self.fd(), mode, offset, len).await,
-            Mode::Inline => inline::fallocate(self.raw_fd(), mode, offset, len),
+            Mode::Inline | Mode::Hybrid => inline::fallocate(self.raw_fd(), mode, offset, len),
         }
     }
 
     // ---- requests ----
 
-    async fn do_read(&self, offset: u64, mut buf: IoBuf) -> BufResult<()> {
+    async fn do_read(&self, inline: bool, offset: u64, mut buf: IoBuf) -> BufResult<()> {
         if !self.direct || self.is_aligned(offset, &buf) {
-            return self.raw_read(offset, buf).await;
+            return self.raw_read(inline, offset, buf).await;
         }
         let (a0, a1) = self.align_out(offset, buf.len() as u64);
         let bounce = IoBuf::with_align((a1 - a0) as usize, self.mem_align.max(512));
-        let (r, bounce) = self.raw_read(a0, bounce).await;
+        let (r, bounce) = self.raw_read(inline, a0, bounce).await;
         if r.is_ok() {
             let skip = (offset - a0) as usize;
             let n = buf.len();
@@ -442,19 +459,25 @@ impl FileDriver {
         (r, buf)
     }
 
-    async fn do_write(&self, offset: u64, buf: IoBuf, flags: WriteFlags) -> BufResult<()> {
+    async fn do_write(
+        &self,
+        inline: bool,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> BufResult<()> {
         let end = offset + buf.len() as u64;
         let (r, buf) = match &self.gate {
             Some(gate) if !self.is_aligned(offset, &buf) => {
                 let _excl = gate.close().await;
-                (self.padded_write(offset, &buf).await, buf)
+                (self.padded_write(inline, offset, &buf).await, buf)
             }
             Some(gate) => {
                 let t = iothreads::current_index().unwrap_or(0);
                 let _inside = gate.enter(t).await;
-                self.raw_write(offset, buf).await
+                self.raw_write(inline, offset, buf).await
             }
-            None => self.raw_write(offset, buf).await,
+            None => self.raw_write(inline, offset, buf).await,
         };
         if r.is_err() {
             return (r, buf);
@@ -468,16 +491,16 @@ impl FileDriver {
 
     /// Read-modify-write of the aligned blocks around an unaligned write. The caller holds the
     /// write gate closed.
-    async fn padded_write(&self, offset: u64, data: &IoBuf) -> io::Result<()> {
+    async fn padded_write(&self, inline: bool, offset: u64, data: &IoBuf) -> io::Result<()> {
         let len = data.len() as u64;
         let (a0, a1) = self.align_out(offset, len);
         let bounce = IoBuf::with_align((a1 - a0) as usize, self.mem_align.max(512));
-        let (r, mut bounce) = self.raw_read(a0, bounce).await;
+        let (r, mut bounce) = self.raw_read(inline, a0, bounce).await;
         r?;
         let skip = (offset - a0) as usize;
         bounce[skip..skip + data.len()].copy_from_slice(data);
         let old_len = self.len.load(Ordering::Acquire);
-        let (r, _) = self.raw_write(a0, bounce).await;
+        let (r, _) = self.raw_write(inline, a0, bounce).await;
         r?;
         // The padded tail may have grown the file past the request's end: cut it back.
         let end = offset + len;
@@ -536,8 +559,9 @@ impl FileDriver {
         while done < len {
             let n = CHUNK.min(len - done) as usize;
             zero.set_window(0..n);
+            let inline = self.mode == Mode::Inline;
             let (r, b) = self
-                .do_write(offset + done, zero, WriteFlags { fua: false })
+                .do_write(inline, offset + done, zero, WriteFlags::default())
                 .await;
             r?;
             zero = b;
@@ -612,21 +636,21 @@ impl Driver for FileDriver {
 
     fn read<'a>(
         &'a self,
-        _: &'a Node,
+        node: &'a Node,
         offset: u64,
         buf: IoBuf,
     ) -> LocalBoxFuture<'a, BufResult<()>> {
-        Box::pin(self.do_read(offset, buf))
+        Box::pin(self.do_read(self.inline_now(node), offset, buf))
     }
 
     fn write<'a>(
         &'a self,
-        _: &'a Node,
+        node: &'a Node,
         offset: u64,
         buf: IoBuf,
         flags: WriteFlags,
     ) -> LocalBoxFuture<'a, BufResult<()>> {
-        Box::pin(self.do_write(offset, buf, flags))
+        Box::pin(self.do_write(self.inline_now(node), offset, buf, flags))
     }
 
     fn write_zeroes<'a>(
