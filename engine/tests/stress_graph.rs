@@ -308,6 +308,10 @@ fn watchdog(progress: Vec<Arc<AtomicU64>>, done: Arc<AtomicBool>, limit: Duratio
 }
 
 fn stress(changes: usize) {
+    // Stress runs are serialised within this binary: they measure nothing, but two at once
+    // would starve each other on a small machine and stretch the watchdog's margins.
+    static SERIAL: Mutex<()> = Mutex::new(());
+    let _serial = SERIAL.lock();
     let e = Engine::new(EngineOptions {
         iothreads: THREADS,
         ..Default::default()
@@ -413,6 +417,12 @@ fn stress(changes: usize) {
         change_count.fetch_add(1, Ordering::Relaxed);
         if !load.failures.lock().is_empty() {
             break;
+        }
+        // Let the load run between changes, so every change meets requests in flight.
+        let start = load.progress.load(Ordering::Relaxed);
+        while load.progress.load(Ordering::Relaxed) < start + 64 && load.failures.lock().is_empty()
+        {
+            std::thread::yield_now();
         }
     }
     load.stop.store(true, Ordering::Relaxed);
