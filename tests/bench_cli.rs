@@ -322,7 +322,10 @@ fn json_output_is_fio_shaped() {
     assert_eq!(job["jobname"], "job");
     assert_eq!(job["groupid"], 0);
     assert_eq!(job["error"], 0);
+    // No --drain-every: no drain figures and no drain option anywhere.
+    assert!(v.get("drain").is_none());
     assert!(job.get("drain").is_none());
+    assert!(job["job options"].get("drain_every").is_none());
     assert_eq!(job["job options"]["rw"], "randread");
     assert_eq!(job["job options"]["iodepth"], "4");
     let read = &job["read"];
@@ -478,4 +481,108 @@ fn verify_catches_a_corrupted_block() {
     assert_eq!(o.status.code(), Some(1));
     let v: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(v["jobs"][0]["error"], 84);
+}
+
+/// The drain object of a `--drain-every` JSON report: at least one drain measured, with
+/// fio-style percentiles, and every job carries the same object.
+fn check_drain(v: &serde_json::Value, every_ms: u64) {
+    let d = &v["drain"];
+    assert_eq!(d["every_ms"], every_ms, "{d}");
+    let count = d["count"].as_u64().unwrap();
+    assert!(count > 0, "no drain measured: {d}");
+    let ns = &d["drain_ns"];
+    assert_eq!(ns["N"], count);
+    assert!(ns["min"].as_u64().unwrap() <= ns["max"].as_u64().unwrap());
+    assert!(ns["mean"].as_f64().is_some() && ns["stddev"].as_f64().is_some());
+    for k in ["1.000000", "50.000000", "99.000000", "99.990000"] {
+        assert!(
+            ns["percentile"][k].as_u64().is_some(),
+            "percentile {k} missing: {d}"
+        );
+    }
+    assert_eq!(v["global options"]["drain_every"], every_ms.to_string());
+    for j in v["jobs"].as_array().unwrap() {
+        assert_eq!(&j["drain"], d);
+        assert_eq!(j["job options"]["drain_every"], every_ms.to_string());
+        assert_eq!(j["error"], 0, "{j}");
+    }
+}
+
+#[test]
+fn drain_every_on_null_jobs() {
+    let o = run(&[
+        "--driver=null",
+        "--drain-every=5",
+        "--runtime=1",
+        "--time_based",
+        "--iodepth=32",
+        "--output-format=json",
+    ]);
+    let v = json(&o);
+    check_drain(&v, 5);
+    assert!(v["jobs"][0]["read"]["iops"].as_f64().unwrap() > 0.0);
+    // Several jobs: one node each, drained in one section; the other spelling of the option.
+    let o = run(&[
+        "--driver=null",
+        "--numjobs=2",
+        "--drain_every=5",
+        "--runtime=0.3",
+        "--time_based",
+        "--output-format=json",
+    ]);
+    let v = json(&o);
+    check_drain(&v, 5);
+    for j in v["jobs"].as_array().unwrap() {
+        assert!(j["read"]["iops"].as_f64().unwrap() > 0.0);
+    }
+}
+
+#[test]
+fn drain_every_while_verifying_a_file() {
+    let shm = Path::new("/dev/shm");
+    let dir = if shm.is_dir() {
+        TmpDir::under(shm, "drain")
+    } else {
+        TmpDir::new("drain")
+    };
+    let f = dir.file("d.img", 8 << 20);
+    let o = run(&[
+        &arg("filename", &f),
+        "--rw=randrw",
+        "--verify=crc32c",
+        "--iodepth=32",
+        "--drain-every=5",
+        "--runtime=1",
+        "--time_based",
+        "--output-format=json",
+    ]);
+    let v = json(&o);
+    check_drain(&v, 5);
+    let job = &v["jobs"][0];
+    assert!(job.get("error_message").is_none(), "{job}");
+    assert!(job["read"]["iops"].as_f64().unwrap() > 0.0);
+    assert!(job["write"]["iops"].as_f64().unwrap() > 0.0);
+    assert!(job["verify"]["total_ios"].as_u64().unwrap() > 0, "{job}");
+}
+
+#[test]
+fn drain_every_normal_output_and_bad_values() {
+    let o = run(&[
+        "--driver=null",
+        "--drain-every=5",
+        "--runtime=0.5",
+        "--time_based",
+    ]);
+    assert!(o.status.success(), "stderr: {}", stderr(&o));
+    let out = stdout(&o);
+    let drain = out.find("  drain: every=5ms, count=").expect(&out);
+    let group = out.find("Run status group 0").unwrap();
+    assert!(drain < group, "{out}");
+    assert!(out.contains("    drain percentiles ("), "{out}");
+    for bad in ["--drain-every=0", "--drain-every=abc", "--drain-every=2.5"] {
+        let o = run(&["--driver=null", bad]);
+        assert_one_line_error(&o, &[bad]);
+    }
+    let o = run(&["--driver=null", "--drain-every", "0"]);
+    assert_one_line_error(&o, &["--drain-every"]);
 }

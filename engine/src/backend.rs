@@ -211,6 +211,7 @@ impl Backend {
     }
 
     /// The root node now (the graph may replace it).
+    #[inline]
     pub fn root(&self) -> Arc<Node> {
         self.edge.child()
     }

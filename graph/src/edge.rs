@@ -163,11 +163,13 @@ impl Edge {
     }
 
     /// The child, read under a read section (the I/O path).
+    #[inline]
     pub fn child_in<'g>(&'g self, g: &'g ReadGuard<'_>) -> &'g Arc<Node> {
         self.child.read(g)
     }
 
     /// The child, cloned out of a short read section.
+    #[inline]
     pub fn child(&self) -> Arc<Node> {
         let g = graph_lock().read();
         Arc::clone(self.child.read(&g))

@@ -1,7 +1,8 @@
 //! The graph lock: guards the child pointers that the I/O path reads.
 //!
-//! Read side (any IoThread, on every hop of a request): add one to this thread's reader slot,
-//! fence (SeqCst), check that no writer is active; on the way out subtract one. Each IoThread
+//! Read side (any IoThread, on every hop of a request): add one to this thread's reader slot
+//! (a SeqCst read-modify-write, which orders like a SeqCst fence), check that no writer is
+//! active; on the way out subtract one. Each IoThread
 //! has its own cache-padded slot, so readers never write a shared cache line. Threads that are
 //! not IoThreads share one extra slot.
 //!
@@ -22,7 +23,10 @@
 
 use std::marker::PhantomData;
 
+#[cfg(loom)]
 use crate::counter::PerThreadCounter;
+#[cfg(not(loom))]
+use crossbeam_utils::CachePadded;
 
 #[cfg(loom)]
 use loom::cell::UnsafeCell;
@@ -31,18 +35,25 @@ use loom::sync::atomic::{fence, AtomicBool, Ordering};
 #[cfg(not(loom))]
 use std::cell::UnsafeCell;
 #[cfg(not(loom))]
-use std::sync::atomic::{fence, AtomicBool, Ordering};
+use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
 
-/// The lock. One per process ([`GRAPH_LOCK`]) in the engine; tests build their own.
+/// Reader slots: one per IoThread, plus one shared by every other thread.
+#[cfg(not(loom))]
+const SLOTS: usize = iothreads::MAX_IOTHREADS + 1;
+
+/// The lock. One per process ([`graph_lock`]), built at compile time so that reaching it costs
+/// nothing; loom models build their own.
 pub struct GraphLock {
+    #[cfg(not(loom))]
+    readers: [CachePadded<AtomicU64>; SLOTS],
+    #[cfg(loom)]
     readers: PerThreadCounter,
     writer: AtomicBool,
-    #[cfg_attr(loom, allow(dead_code))]
-    other_slot: usize,
 }
 
 /// A read section. `!Send`: it must end on the thread that began it, and never cross an await.
 #[must_use]
+#[cfg_attr(feature = "unsound-no-graph-lock", allow(dead_code))]
 pub struct ReadGuard<'a> {
     lock: &'a GraphLock,
     slot: usize,
@@ -57,37 +68,108 @@ pub struct WriteGuard<'a> {
 impl GraphLock {
     /// A lock with a reader slot per IoThread plus one for other threads.
     #[cfg(not(loom))]
-    pub fn new() -> Self {
-        Self::with_slots(iothreads::MAX_IOTHREADS + 1)
+    pub const fn new() -> Self {
+        #[allow(clippy::declare_interior_mutable_const)]
+        const ZERO: CachePadded<AtomicU64> = CachePadded::new(AtomicU64::new(0));
+        GraphLock {
+            readers: [ZERO; SLOTS],
+            writer: AtomicBool::new(false),
+        }
     }
 
-    /// A lock with `n` reader slots; the last serves threads that are not IoThreads.
+    /// A lock with `n` reader slots (loom models use few).
+    #[cfg(loom)]
     pub fn with_slots(n: usize) -> Self {
-        assert!(n >= 1);
         GraphLock {
             readers: PerThreadCounter::with_slots(n),
             writer: AtomicBool::new(false),
-            other_slot: n - 1,
         }
     }
 
     #[cfg(not(loom))]
+    #[inline]
     fn my_slot(&self) -> usize {
-        iothreads::current_index().unwrap_or(self.other_slot)
+        iothreads::current_index_or(SLOTS - 1)
+    }
+
+    /// The reader's increment is a SeqCst read-modify-write: it orders the later load of
+    /// `writer` as the fence of the protocol does (and is the one locked instruction on x86).
+    #[cfg(not(loom))]
+    #[inline]
+    fn inc(&self, slot: usize) {
+        self.slot(slot).fetch_add(1, Ordering::SeqCst);
+    }
+
+    #[cfg(not(loom))]
+    #[inline]
+    fn dec(&self, slot: usize) {
+        self.slot(slot).fetch_sub(1, Ordering::Release);
+    }
+
+    #[cfg(not(loom))]
+    #[inline]
+    fn slot(&self, slot: usize) -> &AtomicU64 {
+        debug_assert!(slot < SLOTS);
+        // SAFETY: slots come from `my_slot` (an IoThread index, below MAX_IOTHREADS, or
+        // SLOTS - 1) or from callers of `read_in`, which asserts the bound.
+        unsafe { self.readers.get_unchecked(slot) }
+    }
+
+    #[cfg(not(loom))]
+    fn sum(&self) -> u64 {
+        self.readers
+            .iter()
+            .map(|r| r.load(Ordering::Acquire))
+            .fold(0, u64::wrapping_add)
+    }
+
+    #[cfg(loom)]
+    fn inc(&self, slot: usize) {
+        self.readers.inc(slot);
+    }
+
+    #[cfg(loom)]
+    fn dec(&self, slot: usize) {
+        self.readers.dec(slot);
+    }
+
+    #[cfg(loom)]
+    fn sum(&self) -> u64 {
+        self.readers.sum()
     }
 
     /// Begins a read section on the current thread.
     #[cfg(not(loom))]
     #[inline]
     pub fn read(&self) -> ReadGuard<'_> {
-        self.read_in(self.my_slot())
+        self.read_slot(self.my_slot())
     }
 
     /// Begins a read section counted in reader slot `slot`.
+    ///
+    /// # Panics
+    /// If `slot` is not a slot of this lock.
     #[inline]
     pub fn read_in(&self, slot: usize) -> ReadGuard<'_> {
+        #[cfg(not(loom))]
+        assert!(slot < SLOTS, "graph lock slot {slot} out of range");
+        self.read_slot(slot)
+    }
+
+    #[inline]
+    fn read_slot(&self, slot: usize) -> ReadGuard<'_> {
+        #[cfg(feature = "unsound-no-graph-lock")]
+        return ReadGuard {
+            lock: self,
+            slot,
+            _not_send: PhantomData,
+        };
+        #[allow(unreachable_code)]
         loop {
-            self.readers.inc(slot);
+            self.inc(slot);
+            // Loom weakens SeqCst operations to AcqRel, so the model checks the protocol in
+            // its fence form; natively the SeqCst increment above is that fence.
+            #[cfg(loom)]
             fence(Ordering::SeqCst);
             if !self.writer.load(Ordering::SeqCst) {
                 return ReadGuard {
@@ -96,9 +178,10 @@ impl GraphLock {
                     _not_send: PhantomData,
                 };
             }
-            self.readers.dec(slot);
+            self.dec(slot);
+            let mut b = Backoff::default();
             while self.writer.load(Ordering::SeqCst) {
-                spin();
+                b.wait();
             }
         }
     }
@@ -109,8 +192,9 @@ impl GraphLock {
         let was = self.writer.swap(true, Ordering::SeqCst);
         assert!(!was, "two writers on the graph lock");
         fence(Ordering::SeqCst);
-        while self.readers.sum() != 0 {
-            spin();
+        let mut b = Backoff::default();
+        while self.sum() != 0 {
+            b.wait();
         }
         let r = f(&WriteGuard { _lock: PhantomData });
         self.writer.store(false, Ordering::SeqCst);
@@ -119,15 +203,16 @@ impl GraphLock {
 
     /// Readers inside now (for tests and the contention bench).
     pub fn readers(&self) -> u64 {
-        self.readers.sum()
+        self.sum()
     }
 }
 
 /// The process's graph lock.
 #[cfg(not(loom))]
+#[inline]
 pub fn graph_lock() -> &'static GraphLock {
-    static LOCK: std::sync::OnceLock<GraphLock> = std::sync::OnceLock::new();
-    LOCK.get_or_init(GraphLock::new)
+    static LOCK: GraphLock = GraphLock::new();
+    &LOCK
 }
 
 #[cfg(not(loom))]
@@ -137,18 +222,39 @@ impl Default for GraphLock {
     }
 }
 
-#[inline]
-fn spin() {
-    #[cfg(loom)]
-    loom::thread::yield_now();
-    #[cfg(not(loom))]
-    std::hint::spin_loop();
+/// Waiting for the other side: spin a little (sections are a few pointer reads), then yield
+/// the CPU, so that a reader preempted inside its section on a busy machine can finish instead
+/// of being starved by spinners, and so a spinning writer stops pulling the readers' cache
+/// lines away from them.
+#[derive(Default)]
+struct Backoff {
+    spins: u32,
+}
+
+impl Backoff {
+    #[inline]
+    fn wait(&mut self) {
+        #[cfg(loom)]
+        loom::thread::yield_now();
+        #[cfg(not(loom))]
+        {
+            if self.spins < 6 {
+                for _ in 0..(1u32 << self.spins) {
+                    std::hint::spin_loop();
+                }
+                self.spins += 1;
+            } else {
+                std::thread::yield_now();
+            }
+        }
+    }
 }
 
 impl Drop for ReadGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        self.lock.readers.dec(self.slot);
+        #[cfg(not(feature = "unsound-no-graph-lock"))]
+        self.lock.dec(self.slot);
     }
 }
 
@@ -174,6 +280,7 @@ impl<T> GraphCell<T> {
 
     /// Reads the value inside a read section.
     #[cfg(not(loom))]
+    #[inline]
     pub fn read<'g>(&'g self, _guard: &'g ReadGuard<'_>) -> &'g T {
         // SAFETY: a ReadGuard exists, so no writer is inside `with_write`, and writes happen
         // only there; the returned borrow cannot outlive the guard.

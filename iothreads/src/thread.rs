@@ -348,6 +348,65 @@ impl std::ops::Deref for IoThread {
     }
 }
 
+/// Turns the calling thread into an IoThread until `fut` completes, and returns its output.
+///
+/// The future runs as a task of a loop on this very thread (no thread is started, nothing is
+/// injected from elsewhere), with `spawn_local` and the ops available as on any IoThread. Tools
+/// that do one job at rest use it, and so do instruction-count measurements: valgrind 3.19
+/// treats a waiting `io_uring_enter` as non-blocking and deadlocks a loop woken from another
+/// thread, while this one never needs waking from outside.
+pub fn block_on_current<F>(opts: IoThreadOptions, fut: F) -> Result<F::Output, RingError>
+where
+    F: Future + 'static,
+{
+    let index = take_index().ok_or_else(|| {
+        RingError::new(
+            format!("too many IoThreads (at most {MAX_IOTHREADS})"),
+            None,
+        )
+    })?;
+    struct Release(usize);
+    impl Drop for Release {
+        fn drop(&mut self) {
+            if let Some(slot) = REGISTRY.lock().get_mut(self.0) {
+                *slot = None;
+            }
+            release_index(self.0);
+        }
+    }
+    let _release = Release(index);
+    let name = opts
+        .name
+        .clone()
+        .unwrap_or_else(|| format!("iothread-{index}"));
+    let shared = Shared::new(index, name)
+        .map_err(|e| RingError::new(format!("cannot create an eventfd: {e}"), Some(e)))?;
+    let ring = build_ring(&opts)?;
+    let local = Local::new(
+        Arc::clone(&shared),
+        ring,
+        opts.fixed_buffers,
+        opts.registered_files,
+        opts.eager_submit,
+    )
+    .map_err(|e| RingError::new(format!("cannot set up the ring: {e}"), Some(e)))?;
+    // SAFETY: gettid has no arguments and cannot fail.
+    shared
+        .os_tid
+        .store(unsafe { libc::gettid() }, Ordering::Relaxed);
+    register(&shared);
+    let out = std::rc::Rc::new(std::cell::Cell::new(None));
+    let (o, s) = (out.clone(), Arc::clone(&shared));
+    local.spawn_task(Box::pin(async move {
+        o.set(Some(fut.await));
+        s.shutdown.store(true, Ordering::Release);
+    }));
+    local.run();
+    drop(local);
+    out.take()
+        .ok_or_else(|| RingError::new("the loop stopped before the future completed", None))
+}
+
 /// Counters an IoThread keeps about its loop.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct LoopStats {
@@ -474,7 +533,16 @@ pub fn current() -> Option<IoThreadHandle> {
 /// The index of the IoThread the caller runs on, if any.
 #[inline]
 pub fn current_index() -> Option<usize> {
-    with_local(|l| l.shared.index)
+    crate::runtime::current_index()
+}
+
+/// The index of the IoThread the caller runs on, or `other` elsewhere (`other` must be at
+/// least [`MAX_IOTHREADS`]): one thread-local load and a compare, for per-thread counters
+/// with a shared slot for other threads.
+#[inline]
+pub fn current_index_or(other: usize) -> usize {
+    debug_assert!(other >= MAX_IOTHREADS);
+    crate::runtime::current_index_or(other)
 }
 
 /// Runs a future, `Send` or not, as a new task on the current IoThread.

@@ -131,7 +131,8 @@ pub struct DirStats {
 }
 
 impl DirStats {
-    fn new() -> DirStats {
+    /// Empty statistics.
+    pub(crate) fn new() -> DirStats {
         DirStats {
             hist: Histogram::new_with_bounds(1, HIST_MAX_NS, 3).expect("valid histogram bounds"),
             ios: 0,
@@ -143,8 +144,9 @@ impl DirStats {
         }
     }
 
+    /// Counts one sample of `ns` nanoseconds that moved `bytes`.
     #[inline]
-    fn record(&mut self, ns: u64, bytes: u64) {
+    pub(crate) fn record(&mut self, ns: u64, bytes: u64) {
         self.ios += 1;
         self.bytes += bytes;
         self.min = self.min.min(ns);

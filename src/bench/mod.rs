@@ -10,7 +10,11 @@
 //! every way out: normal ends and errors by a guard's `Drop`, Ctrl-C (or SIGTERM) by a handler
 //! that only sets a stop flag (the jobs stop, the report is printed, the guard runs), and a
 //! second Ctrl-C by the handler itself (unlink, then `_exit`).
+//!
+//! With `--drain-every` the run also starts a controller (on job 0's IoThread) and a drainer
+//! thread ([`drain`]) that drains the target node(s) on that period while the jobs run.
 
+pub mod drain;
 pub mod job;
 pub mod options;
 pub mod progress;
@@ -317,12 +321,21 @@ fn run(mut opts: Options, argv: &[String]) -> Result<i32, String> {
     let opts = Arc::new(opts);
     let threads = start_iothreads(&opts)?;
     let backends = attach(&target, &threads)?;
+    // Started before the jobs, so that a failure leaves nothing running; the drainer that
+    // owns it is declared after `threads`, so it (and the controller) drops before them.
+    let controller = match opts.drain_every {
+        Some(_) => Some(with_signals_blocked(|| {
+            engine::Controller::start(threads[0].handle()).map_err(|e| e.full_message())
+        })?),
+        None => None,
+    };
 
     let header_info = report::RunInfo {
         opts: &opts,
         argv,
         target: &target.label,
         results: &[],
+        drain: None,
     };
     if opts.format == OutputFormat::Normal {
         let mut out = std::io::stdout().lock();
@@ -331,6 +344,7 @@ fn run(mut opts: Options, argv: &[String]) -> Result<i32, String> {
     }
 
     let (tx, rx) = mpsc::channel();
+    let run_start = Instant::now();
     let progress: Vec<Arc<Progress>> = (0..opts.numjobs).map(|_| Arc::default()).collect();
     let handles: Vec<_> = (0..opts.numjobs)
         .map(|i| {
@@ -345,6 +359,16 @@ fn run(mut opts: Options, argv: &[String]) -> Result<i32, String> {
         })
         .collect();
     drop(tx);
+    let drainer = match (controller, opts.drain_every) {
+        (Some(c), Some(every)) => {
+            let nodes = target.nodes.clone();
+            let measure_from = run_start + opts.ramp_time;
+            Some(with_signals_blocked(|| {
+                drain::Drainer::start(c, nodes, every, measure_from)
+            })?)
+        }
+        _ => None,
+    };
 
     let mut ticker = Ticker::new(progress::stderr_is_tty());
     let refs: Vec<&Progress> = progress.iter().map(|p| &**p).collect();
@@ -362,8 +386,11 @@ fn run(mut opts: Options, argv: &[String]) -> Result<i32, String> {
     for (i, h) in handles.into_iter().enumerate() {
         results.push(h.join().map_err(|e| format!("job {i}: {e}"))?);
     }
+    // The jobs have ended: stop the drainer and its controller before the report.
+    let drain_report = drainer.map(drain::Drainer::finish).transpose()?;
     let info = report::RunInfo {
         results: &results,
+        drain: drain_report.as_ref(),
         ..header_info
     };
     let text = match opts.format {

@@ -94,12 +94,16 @@ pub struct BenchArgs {
     /// How file requests reach the kernel: auto, io_uring, inline [default: auto]
     #[arg(long, value_name = "MODE")]
     pub aio: Option<String>,
+    /// strata's own: drain the target node(s) every MS milliseconds while the load runs, and
+    /// report how long each drain took to quiesce [default: no drains]
+    #[arg(long = "drain-every", alias = "drain_every", value_name = "MS")]
+    pub drain_every: Option<String>,
 }
 
 impl BenchArgs {
     /// The options given on the command line, by fio name, in a fixed order.
     pub fn given(&self) -> Vec<(&'static str, String)> {
-        let all: [(&'static str, &Option<String>); 21] = [
+        let all: [(&'static str, &Option<String>); 22] = [
             ("name", &self.name),
             ("filename", &self.filename),
             ("driver", &self.driver),
@@ -120,6 +124,7 @@ impl BenchArgs {
             ("fixedbufs", &self.fixedbufs),
             ("sqthread_poll", &self.sqthread_poll),
             ("aio", &self.aio),
+            ("drain_every", &self.drain_every),
             ("output-format", &self.output_format),
         ];
         all.into_iter()
@@ -233,6 +238,9 @@ const QUICK_RWMIXREAD: u32 = 70;
 const QUICK_IODEPTH: u32 = 32;
 const QUICK_RUNTIME: Duration = Duration::from_secs(5);
 
+/// The longest `--drain-every` period, in milliseconds (one hour).
+pub const DRAIN_EVERY_MAX_MS: u32 = 3_600_000;
+
 /// The smallest block that holds a verify header and some payload.
 pub const VERIFY_MIN_BS: u64 = 64;
 
@@ -283,6 +291,8 @@ pub struct Options {
     pub sqthread_poll: bool,
     /// File I/O mode.
     pub aio: Aio,
+    /// With `--drain-every`: the period of the drainer.
+    pub drain_every: Option<Duration>,
     /// The options as given, for the JSON report.
     pub given: Vec<(&'static str, String)>,
 }
@@ -569,6 +579,8 @@ pub fn validate(args: &BenchArgs) -> Result<Options, String> {
             ))
         }
     };
+    let drain_every = count_opt("drain-every", &args.drain_every, 1, DRAIN_EVERY_MAX_MS)?
+        .map(|ms| Duration::from_millis(u64::from(ms)));
 
     let (size, size_from_file) = match size {
         Some(s) => (s, false),
@@ -598,6 +610,7 @@ pub fn validate(args: &BenchArgs) -> Result<Options, String> {
         fixedbufs,
         sqthread_poll,
         aio,
+        drain_every,
         given,
     };
     if !opts.size_from_file {
@@ -656,6 +669,7 @@ mod tests {
                 "runtime" => a.runtime = v,
                 "time_based" => a.time_based = v,
                 "offset_increment" => a.offset_increment = v,
+                "drain_every" => a.drain_every = v,
                 _ => panic!("{k}"),
             }
         }
@@ -702,6 +716,15 @@ mod tests {
             .contains("offset_increment"));
         assert!(e(&[("driver", "null"), ("filename", "/x")]).contains("--filename"));
         assert!(e(&[("filename", "/x"), ("time_based", "1")]).contains("--runtime"));
+        assert!(e(&[("drain_every", "0")]).contains("--drain-every=0"));
+        assert!(e(&[("drain_every", "1.5")]).contains("--drain-every=1.5"));
+        assert!(e(&[("drain_every", "10ms")]).contains("not a whole number"));
+        assert_eq!(
+            validate(&args(&[("drain_every", "10")]))
+                .unwrap()
+                .drain_every,
+            Some(Duration::from_millis(10))
+        );
         assert!(validate(&args(&[
             ("verify", "crc32c"),
             ("numjobs", "2"),

@@ -3,7 +3,7 @@
 //!
 //! JSON field names, units and percentile keys are fio's, so that tools written for fio's JSON
 //! read this one. Where strata has something fio does not (the IoThread's own CPU, a verify
-//! pass, later a drain), it adds fields with new names and never changes fio's.
+//! pass, the drains of `--drain-every`), it adds fields with new names and never changes fio's.
 //!
 //! CPU figures are whole-process (`RUSAGE_SELF`, which counts io_uring's kernel workers), over
 //! the measured period, as fio counts them; each job adds its IoThread's own usage
@@ -16,6 +16,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::ser::{SerializeMap, Serializer};
 use serde::Serialize;
 
+use super::drain::DrainReport;
 use super::job::{DirStats, JobResult, Rusage, READ, WRITE};
 use super::options::{DriverKind, Options};
 
@@ -35,6 +36,8 @@ pub struct RunInfo<'a> {
     pub target: &'a str,
     /// The jobs' results, by job number.
     pub results: &'a [JobResult],
+    /// What the drainer measured, with `--drain-every`.
+    pub drain: Option<&'a DrainReport>,
 }
 
 // ---- number formatting, after fio's num2str ----
@@ -172,12 +175,14 @@ impl Dir<'_> {
     fn bw(&self) -> f64 {
         per_sec(self.s.bytes, self.runtime)
     }
-    fn percentiles(&self) -> Vec<(f64, u64)> {
-        PERCENTILES
-            .iter()
-            .map(|&p| (p, self.s.hist.value_at_quantile(p / 100.0)))
-            .collect()
-    }
+}
+
+/// The default percentiles of `st`'s histogram: (percent, ns).
+fn percentiles(st: &DirStats) -> Vec<(f64, u64)> {
+    PERCENTILES
+        .iter()
+        .map(|&p| (p, st.hist.value_at_quantile(p / 100.0)))
+        .collect()
 }
 
 fn per_sec(n: u64, d: Duration) -> f64 {
@@ -259,16 +264,22 @@ fn write_dir(s: &mut String, label: &str, d: &Dir<'_>) {
         fmt_size_iec(st.bytes as f64),
         d.runtime.as_millis()
     );
+    write_lat(s, "clat", st);
+}
+
+/// The latency lines of `st` as fio prints them: `    {name} (unit): min=...` and the
+/// `    {name} percentiles (unit):` table.
+fn write_lat(s: &mut String, name: &str, st: &DirStats) {
     let (unit, div) = lat_unit(st.min_ns(), st.max);
     let _ = writeln!(
         s,
-        "    clat ({unit}): min={}, max={}, avg={:.2}, stdev={:.2}",
+        "    {name} ({unit}): min={}, max={}, avg={:.2}, stdev={:.2}",
         (st.min_ns() as f64 / div) as u64,
         (st.max as f64 / div) as u64,
         st.mean() / div,
         st.stddev() / div
     );
-    let ps = d.percentiles();
+    let ps = percentiles(st);
     let lo = ps.first().map_or(0, |p| p.1);
     let hi = ps.last().map_or(0, |p| p.1);
     let (unit, div) = lat_unit(lo, hi);
@@ -282,7 +293,7 @@ fn write_dir(s: &mut String, label: &str, d: &Dir<'_>) {
         .max()
         .unwrap_or(1)
         .max(5);
-    let _ = writeln!(s, "    clat percentiles ({unit}):");
+    let _ = writeln!(s, "    {name} percentiles ({unit}):");
     for (row, chunk) in ps.chunks(4).enumerate() {
         s.push_str("     |");
         for (i, &(p, _)) in chunk.iter().enumerate() {
@@ -366,6 +377,18 @@ pub fn normal(info: &RunInfo<'_>) -> String {
         );
         s.push('\n');
     }
+    if let Some(d) = info.drain {
+        let _ = writeln!(
+            s,
+            "  drain: every={}ms, count={}",
+            d.every_ms(),
+            d.stats.ios
+        );
+        if d.stats.ios > 0 {
+            write_lat(&mut s, "drain", &d.stats);
+        }
+        s.push('\n');
+    }
     let _ = writeln!(s, "Run status group 0 (all jobs):");
     for (dir, label) in [(READ, "READ"), (WRITE, "WRITE")] {
         let rs: Vec<&JobResult> = info
@@ -432,6 +455,9 @@ struct JsonRoot {
     #[serde(rename = "global options")]
     global_options: Ordered<String>,
     jobs: Vec<JsonJob>,
+    /// strata's own, with `--drain-every`: the drains' figures (also in every job).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    drain: Option<JsonDrain>,
     /// strata's own: the command line and the machine.
     strata: JsonMachine,
 }
@@ -469,9 +495,19 @@ struct JsonJob {
     iothread: JsonIoThread,
     #[serde(skip_serializing_if = "Option::is_none")]
     verify: Option<JsonVerify>,
-    /// RESERVED for the drain figures of a later change: serialized only when `Some`.
+    /// strata's own, with `--drain-every`: the run's drains (the same object as the
+    /// top-level `drain`; the drains cover every job's node at once).
     #[serde(skip_serializing_if = "Option::is_none")]
-    drain: Option<serde_json::Map<String, serde_json::Value>>,
+    drain: Option<JsonDrain>,
+}
+
+#[derive(Serialize, Clone)]
+struct JsonDrain {
+    every_ms: u64,
+    /// Measured drains (those that began after the ramp).
+    count: u64,
+    /// Time from drained_begin to quiesced, in the layout of `clat_ns`.
+    drain_ns: JsonLat,
 }
 
 #[derive(Serialize)]
@@ -526,25 +562,38 @@ struct JsonSync {
     lat_ns: JsonLat,
 }
 
-fn json_dir(d: &Dir<'_>) -> JsonDir {
-    let st = d.s;
-    let bw = d.bw();
+/// `st` as fio's latency object (percentiles only when there are samples).
+fn json_lat(st: &DirStats) -> JsonLat {
     let percentile = (st.ios > 0).then(|| {
         Ordered(
-            d.percentiles()
+            percentiles(st)
                 .into_iter()
                 .map(|(p, v)| (format!("{p:.6}"), v))
                 .collect(),
         )
     });
-    let clat = JsonLat {
+    JsonLat {
         min: st.min_ns(),
         max: st.max,
         mean: st.mean(),
         stddev: st.stddev(),
         n: st.ios,
         percentile,
-    };
+    }
+}
+
+fn json_drain(d: &DrainReport) -> JsonDrain {
+    JsonDrain {
+        every_ms: d.every_ms(),
+        count: d.stats.ios,
+        drain_ns: json_lat(&d.stats),
+    }
+}
+
+fn json_dir(d: &Dir<'_>) -> JsonDir {
+    let st = d.s;
+    let bw = d.bw();
+    let clat = json_lat(st);
     JsonDir {
         io_bytes: st.bytes,
         io_kbytes: st.bytes / 1024,
@@ -615,6 +664,9 @@ fn job_options(info: &RunInfo<'_>, i: u32) -> Ordered<String> {
     v.push(("registerfiles".into(), b(o.registerfiles)));
     v.push(("fixedbufs".into(), b(o.fixedbufs)));
     v.push(("sqthread_poll".into(), b(o.sqthread_poll)));
+    if let Some(every) = o.drain_every {
+        v.push(("drain_every".into(), every.as_millis().to_string()));
+    }
     Ordered(v)
 }
 
@@ -624,6 +676,7 @@ pub fn json(info: &RunInfo<'_>) -> String {
     let cpu = process_cpu(info.results);
     let now = SystemTime::now();
     let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or_default();
+    let drain = info.drain.map(json_drain);
     let jobs = info
         .results
         .iter()
@@ -669,7 +722,7 @@ pub fn json(info: &RunInfo<'_>) -> String {
                     io_bytes: v.bytes,
                     runtime: v.pass.map_or(0, |d| d.as_millis() as u64),
                 }),
-                drain: None,
+                drain: drain.clone(),
             }
         })
         .collect();
@@ -685,6 +738,7 @@ pub fn json(info: &RunInfo<'_>) -> String {
                 .collect(),
         ),
         jobs,
+        drain,
         strata: JsonMachine {
             command_line: info.argv.join(" "),
             kernel: kernel_release(),
