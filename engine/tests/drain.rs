@@ -383,3 +383,84 @@ fn engine_nodes_are_added_used_and_deleted() {
         format!("Failed to find node with node-name='{name}'")
     );
 }
+
+/// A leaf whose asynchronous close records where it ran.
+struct Closing {
+    closed_on: Arc<Mutex<Option<Option<usize>>>>,
+}
+
+impl Driver for Closing {
+    fn driver_name(&self) -> &'static str {
+        "closing"
+    }
+    fn length(&self, _: &Node) -> u64 {
+        4096
+    }
+    fn read<'a>(&'a self, _: &'a Node, _: u64, b: IoBuf) -> LocalBoxFuture<'a, BufResult<()>> {
+        Box::pin(async move { (Ok(()), b) })
+    }
+    fn write<'a>(
+        &'a self,
+        _: &'a Node,
+        _: u64,
+        b: IoBuf,
+        _: WriteFlags,
+    ) -> LocalBoxFuture<'a, BufResult<()>> {
+        Box::pin(async move { (Ok(()), b) })
+    }
+    fn write_zeroes<'a>(
+        &'a self,
+        _: &'a Node,
+        _: u64,
+        _: u64,
+        _: ZeroFlags,
+    ) -> LocalBoxFuture<'a, io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn discard<'a>(&'a self, _: &'a Node, _: u64, _: u64) -> LocalBoxFuture<'a, io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn flush<'a>(&'a self, _: &'a Node) -> LocalBoxFuture<'a, io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+    fn close<'a>(&'a self) -> LocalBoxFuture<'a, io::Result<()>> {
+        Box::pin(async move {
+            // Real I/O is possible here: this runs on an IoThread.
+            iothreads::op::nop().await?;
+            *self.closed_on.lock() = Some(iothreads::current_index());
+            Ok(())
+        })
+    }
+}
+
+#[test]
+fn dropping_the_last_reference_closes_the_node_on_the_controller_iothread() {
+    let e = engine();
+    let closed_on = Arc::new(Mutex::new(None));
+    let node = Node::new(
+        Some(&uniq("closing")),
+        Box::new(Closing {
+            closed_on: closed_on.clone(),
+        }),
+        false,
+    )
+    .unwrap();
+    let b = Backend::with_options(node.clone(), &e.iothreads(), BackendOptions::default()).unwrap();
+    drop(node);
+    assert!(
+        closed_on.lock().is_none(),
+        "the backend still holds the node"
+    );
+    drop(b);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while closed_on.lock().is_none() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the node was never closed"
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Closed asynchronously, on an IoThread (the newest controller's; tests run several).
+    let on = closed_on.lock().unwrap();
+    assert!(on.is_some(), "closed off any IoThread");
+}

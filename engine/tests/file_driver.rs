@@ -560,3 +560,38 @@ fn changing_permissions_moves_locks_without_a_window() {
     .unwrap();
     assert!(byte_locked(f.path(), 101));
 }
+
+#[test]
+fn auto_read_only_falls_back_when_the_file_is_not_writable() {
+    use std::os::unix::fs::PermissionsExt;
+    let f = Scratch::new_in("/var/tmp", "aro").with_pattern(4096);
+    // Make the file unwritable even for root: the immutable attribute (EPERM on a write
+    // open); for other users a 0444 mode (EACCES) does it.
+    // SAFETY: geteuid has no arguments.
+    let root = unsafe { libc::geteuid() } == 0;
+    if root {
+        let ok = Command::new("chattr")
+            .arg("+i")
+            .arg(&f.0)
+            .status()
+            .map(|s| s.success());
+        if !matches!(ok, Ok(true)) {
+            eprintln!("skipping: chattr +i unavailable here");
+            return;
+        }
+    } else {
+        std::fs::set_permissions(&f.0, std::fs::Permissions::from_mode(0o444)).unwrap();
+    }
+    let strict = file::open(&uniq("aro"), &FileOptions::new(&f.0));
+    let auto = FileOptions {
+        auto_read_only: true,
+        ..FileOptions::new(&f.0)
+    };
+    let n = file::open(&uniq("aro"), &auto);
+    if root {
+        let _ = Command::new("chattr").arg("-i").arg(&f.0).status();
+    }
+    assert!(strict.is_err(), "a plain read-write open must fail");
+    let n = n.unwrap();
+    assert!(n.is_read_only(), "auto-read-only falls back to read-only");
+}

@@ -91,6 +91,9 @@ pub struct FileOptions {
     pub discard: Discard,
     /// Use the IoThread's registered file table when it has one.
     pub register_file: bool,
+    /// `auto-read-only`: if the file cannot be opened read-write (EACCES, EPERM, EROFS),
+    /// open it read-only instead, as QEMU does; the node is then read-only.
+    pub auto_read_only: bool,
 }
 
 impl FileOptions {
@@ -105,6 +108,7 @@ impl FileOptions {
             aio: Aio::Auto,
             discard: Discard::Ignore,
             register_file: true,
+            auto_read_only: false,
         }
     }
 }
@@ -132,6 +136,8 @@ struct Files {
 
 /// The file driver.
 pub struct FileDriver {
+    /// Opened read-only (asked for, or fallen back to by auto-read-only).
+    read_only: bool,
     fd: AtomicI32,
     files: Mutex<Files>,
     path: String,
@@ -232,13 +238,15 @@ fn supports_nowait(fd: RawFd, align: usize) -> bool {
 pub fn open(name: &str, opts: &FileOptions) -> Result<Arc<Node>, Error> {
     graph::check_node_name(name)?;
     let driver = FileDriver::open(opts)?;
-    Node::new(Some(name), Box::new(driver), opts.read_only)
+    let ro = driver.is_read_only();
+    Node::new(Some(name), Box::new(driver), ro)
 }
 
 impl FileDriver {
     /// Opens the file (image locks come with the node's permissions).
     pub fn open(opts: &FileOptions) -> Result<FileDriver, Error> {
         let path = opts.filename.display().to_string();
+        let mut read_only = opts.read_only;
         let mut oo = OpenOptions::new();
         oo.read(true).write(!opts.read_only);
         let mut flags = libc::O_CLOEXEC;
@@ -246,7 +254,22 @@ impl FileDriver {
             flags |= libc::O_DIRECT;
         }
         oo.custom_flags(flags);
-        let file = oo.open(&opts.filename).map_err(|e| {
+        let opened = match oo.open(&opts.filename) {
+            Err(e)
+                if !opts.read_only
+                    && opts.auto_read_only
+                    && matches!(
+                        e.raw_os_error(),
+                        Some(libc::EACCES | libc::EPERM | libc::EROFS)
+                    ) =>
+            {
+                oo.write(false);
+                read_only = true;
+                oo.open(&opts.filename)
+            }
+            r => r,
+        };
+        let file = opened.map_err(|e| {
             if opts.direct && e.raw_os_error() == Some(libc::EINVAL) {
                 Error::new(
                     ErrorKind::Unsupported,
@@ -298,6 +321,7 @@ impl FileDriver {
             FIXED_NONE
         };
         Ok(FileDriver {
+            read_only,
             fd: AtomicI32::new(fd),
             files: Mutex::new(Files {
                 current: file,
@@ -319,6 +343,11 @@ impl FileDriver {
             gate,
             fixed: (0..MAX_IOTHREADS).map(|_| AtomicI64::new(init)).collect(),
         })
+    }
+
+    /// Whether the file was opened read-only.
+    pub fn is_read_only(&self) -> bool {
+        self.read_only
     }
 
     /// The path the file was opened from.
