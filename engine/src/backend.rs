@@ -25,7 +25,7 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
@@ -285,13 +285,11 @@ impl Backend {
     async fn enter(&self, t: usize) -> Entered<'_> {
         let inner = &*self.inner;
         if inner.held[t].len.load(Ordering::SeqCst) == 0 {
-            inner.in_flight.inc(t);
-            fence(Ordering::SeqCst);
+            inner.in_flight.enter(t);
             if !inner.holding || inner.quiesce.load(Ordering::SeqCst) == 0 {
                 return Entered { inner, t };
             }
-            inner.in_flight.dec(t);
-            fence(Ordering::SeqCst);
+            inner.in_flight.leave(t);
             drain_event().notify();
         }
         inner.held_total.fetch_add(1, Ordering::Relaxed);
@@ -433,8 +431,7 @@ struct Entered<'a> {
 
 impl Drop for Entered<'_> {
     fn drop(&mut self) {
-        self.inner.in_flight.dec(self.t);
-        fence(Ordering::SeqCst);
+        self.inner.in_flight.leave(self.t);
         if self.inner.quiesce.load(Ordering::SeqCst) > 0 {
             drain_event().notify();
         }
@@ -480,8 +477,7 @@ impl Future for Held<'_> {
         let at_head = q.queue.front().is_some_and(|(t, _)| *t == ticket);
         if at_head && inner.quiesce.load(Ordering::SeqCst) == 0 {
             // Try to enter: count in flight, fence, and check the drain again.
-            inner.in_flight.inc(self.t);
-            fence(Ordering::SeqCst);
+            inner.in_flight.enter(self.t);
             if inner.quiesce.load(Ordering::SeqCst) == 0 {
                 q.queue.pop_front();
                 slot.len.fetch_sub(1, Ordering::SeqCst);
@@ -492,8 +488,7 @@ impl Future for Held<'_> {
                 }
                 return Poll::Ready(());
             }
-            inner.in_flight.dec(self.t);
-            fence(Ordering::SeqCst);
+            inner.in_flight.leave(self.t);
             drain_event().notify();
         }
         if let Some(e) = q.queue.iter_mut().find(|(t, _)| *t == ticket) {

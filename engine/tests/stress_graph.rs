@@ -173,9 +173,7 @@ fn base_file(tag: &str) -> Scratch {
 
 fn ops(n: &Node) -> u64 {
     let s = n.stats();
-    s.rd_ops.load(Ordering::SeqCst)
-        + s.wr_ops.load(Ordering::SeqCst)
-        + s.failed_ops.load(Ordering::SeqCst)
+    s.rd_ops + s.wr_ops + s.failed_ops
 }
 
 struct Load {

@@ -47,6 +47,25 @@ impl PerThreadCounter {
         self.slots[t].fetch_sub(1, Ordering::Release);
     }
 
+    /// The request half of the check-then-act protocol, going in: adds one, then orders every
+    /// later SeqCst load after the add, as a SeqCst fence would. Natively the SeqCst
+    /// read-modify-write is that fence (one locked instruction on x86); loom, which weakens
+    /// SeqCst operations, gets the explicit fence.
+    #[inline]
+    pub fn enter(&self, t: usize) {
+        self.slots[t].fetch_add(1, Ordering::SeqCst);
+        #[cfg(loom)]
+        loom::sync::atomic::fence(Ordering::SeqCst);
+    }
+
+    /// Going out: takes one, ordered before every later SeqCst load (see [`Self::enter`]).
+    #[inline]
+    pub fn leave(&self, t: usize) {
+        self.slots[t].fetch_sub(1, Ordering::SeqCst);
+        #[cfg(loom)]
+        loom::sync::atomic::fence(Ordering::SeqCst);
+    }
+
     /// The sum of all slots. Each slot only goes up and down by its own thread, so a slot read
     /// is never below zero; the sum is exact when no one counts meanwhile.
     pub fn sum(&self) -> u64 {

@@ -1,9 +1,9 @@
 //! Nodes: a driver with a unique node-name, a length, read-only state, children and parents,
 //! and the in-flight counters through which every request passes.
 //!
-//! A request entering a node adds one to the node's counter for the current IoThread and
-//! fences (SeqCst); on the way out it subtracts one, fences again, and if the node is quiesced
-//! it wakes the drainer. The drainer raises `quiesce`, fences, then reads the counters: one of
+//! A request entering a node adds one to the node's counter for the current IoThread, ordered
+//! like a SeqCst fence ([`PerThreadCounter::enter`]); on the way out it subtracts one, ordered
+//! the same way, and if the node is quiesced it wakes the drainer. The drainer raises `quiesce`, fences, then reads the counters: one of
 //! the two sees the other, so a drain never misses a request and never sleeps through the last
 //! one leaving (see [`crate::drain`]).
 //!
@@ -15,7 +15,9 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{fence, AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+
+use crossbeam_utils::CachePadded;
 use std::sync::{Arc, OnceLock, Weak};
 
 use iothreads::{BufResult, IoBuf};
@@ -43,26 +45,49 @@ pub struct Node {
     pub(crate) late_users: Mutex<Vec<Weak<dyn User>>>,
     /// The (perm, shared) last applied to the driver.
     pub(crate) applied: Mutex<(Perm, Perm)>,
-    stats: NodeStats,
+    stats: Box<[CachePadded<ThreadStats>]>,
 }
 
-/// Per-node request counters (QEMU's query-blockstats).
-#[derive(Default)]
+/// Per-node request counters (QEMU's query-blockstats), summed over IoThreads.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
 pub struct NodeStats {
     /// Read requests completed.
-    pub rd_ops: AtomicU64,
+    pub rd_ops: u64,
     /// Bytes read.
-    pub rd_bytes: AtomicU64,
+    pub rd_bytes: u64,
     /// Write requests completed (write, write-zeroes).
-    pub wr_ops: AtomicU64,
+    pub wr_ops: u64,
     /// Bytes written.
-    pub wr_bytes: AtomicU64,
+    pub wr_bytes: u64,
     /// Flush requests completed.
-    pub flush_ops: AtomicU64,
+    pub flush_ops: u64,
     /// Discard requests completed.
-    pub discard_ops: AtomicU64,
+    pub discard_ops: u64,
     /// Requests that failed.
-    pub failed_ops: AtomicU64,
+    pub failed_ops: u64,
+}
+
+/// One IoThread's counters of a node. Only that IoThread writes them, so they are bumped
+/// with a load and a store (no locked instruction) and read by anyone with relaxed loads.
+#[derive(Default)]
+struct ThreadStats {
+    counts: [AtomicU64; 7],
+}
+
+const RD_OPS: usize = 0;
+const RD_BYTES: usize = 1;
+const WR_OPS: usize = 2;
+const WR_BYTES: usize = 3;
+const FLUSH_OPS: usize = 4;
+const DISCARD_OPS: usize = 5;
+const FAILED_OPS: usize = 6;
+
+impl ThreadStats {
+    #[inline]
+    fn add(&self, i: usize, n: u64) {
+        let c = &self.counts[i];
+        c.store(c.load(Ordering::Relaxed).wrapping_add(n), Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Node {
@@ -92,8 +117,7 @@ struct InFlight<'a> {
 impl Drop for InFlight<'_> {
     #[inline]
     fn drop(&mut self) {
-        self.node.in_flight.dec(self.thread);
-        fence(Ordering::SeqCst);
+        self.node.in_flight.leave(self.thread);
         if self.node.quiesce.load(Ordering::SeqCst) > 0 {
             drain_event().notify();
         }
@@ -198,7 +222,9 @@ impl Node {
             parents: Mutex::new(Vec::new()),
             late_users: Mutex::new(Vec::new()),
             applied: Mutex::new((Perm::NONE, Perm::ALL)),
-            stats: NodeStats::default(),
+            stats: (0..iothreads::MAX_IOTHREADS)
+                .map(|_| CachePadded::default())
+                .collect(),
         });
         reg.nodes.insert(name, Arc::downgrade(&node));
         Ok(node)
@@ -265,9 +291,23 @@ impl Node {
         self.quiesce.load(Ordering::SeqCst)
     }
 
-    /// Request counters.
-    pub fn stats(&self) -> &NodeStats {
-        &self.stats
+    /// Request counters, summed over IoThreads.
+    pub fn stats(&self) -> NodeStats {
+        let sum = |i: usize| {
+            self.stats
+                .iter()
+                .map(|t| t.counts[i].load(Ordering::Relaxed))
+                .fold(0, u64::wrapping_add)
+        };
+        NodeStats {
+            rd_ops: sum(RD_OPS),
+            rd_bytes: sum(RD_BYTES),
+            wr_ops: sum(WR_OPS),
+            wr_bytes: sum(WR_BYTES),
+            flush_ops: sum(FLUSH_OPS),
+            discard_ops: sum(DISCARD_OPS),
+            failed_ops: sum(FAILED_OPS),
+        }
     }
 
     /// The (perm, shared) its parents take and share, as last applied.
@@ -375,8 +415,7 @@ impl Node {
     #[inline]
     fn enter(&self) -> io::Result<InFlight<'_>> {
         let thread = iothreads::current_index().ok_or_else(not_on_iothread)?;
-        self.in_flight.inc(thread);
-        fence(Ordering::SeqCst);
+        self.in_flight.enter(thread);
         Ok(InFlight { node: self, thread })
     }
 
@@ -391,14 +430,16 @@ impl Node {
         }
     }
 
-    fn count<T>(&self, r: &io::Result<T>, ops: &AtomicU64, bytes: Option<(&AtomicU64, u64)>) {
+    #[inline]
+    fn count<T>(&self, thread: usize, r: &io::Result<T>, ops: usize, bytes: Option<(usize, u64)>) {
+        let st = &self.stats[thread];
         if r.is_ok() {
-            ops.fetch_add(1, Ordering::Relaxed);
+            st.add(ops, 1);
             if let Some((b, n)) = bytes {
-                b.fetch_add(n, Ordering::Relaxed);
+                st.add(b, n);
             }
         } else {
-            self.stats.failed_ops.fetch_add(1, Ordering::Relaxed);
+            st.add(FAILED_OPS, 1);
         }
     }
 
@@ -411,7 +452,7 @@ impl Node {
         };
         let n = buf.len() as u64;
         let (r, buf) = self.driver().read(self, offset, buf).await;
-        self.count(&r, &self.stats.rd_ops, Some((&self.stats.rd_bytes, n)));
+        self.count(_g.thread, &r, RD_OPS, Some((RD_BYTES, n)));
         (r, buf)
     }
 
@@ -426,7 +467,7 @@ impl Node {
         };
         let n = buf.len() as u64;
         let (r, buf) = self.driver().write(self, offset, buf, flags).await;
-        self.count(&r, &self.stats.wr_ops, Some((&self.stats.wr_bytes, n)));
+        self.count(_g.thread, &r, WR_OPS, Some((WR_BYTES, n)));
         (r, buf)
     }
 
@@ -435,7 +476,7 @@ impl Node {
         self.check_writable()?;
         let _g = self.enter()?;
         let r = self.driver().write_zeroes(self, offset, len, flags).await;
-        self.count(&r, &self.stats.wr_ops, Some((&self.stats.wr_bytes, len)));
+        self.count(_g.thread, &r, WR_OPS, Some((WR_BYTES, len)));
         r
     }
 
@@ -444,7 +485,7 @@ impl Node {
         self.check_writable()?;
         let _g = self.enter()?;
         let r = self.driver().discard(self, offset, len).await;
-        self.count(&r, &self.stats.discard_ops, None);
+        self.count(_g.thread, &r, DISCARD_OPS, None);
         r
     }
 
@@ -452,7 +493,7 @@ impl Node {
     pub async fn flush(&self) -> io::Result<()> {
         let _g = self.enter()?;
         let r = self.driver().flush(self).await;
-        self.count(&r, &self.stats.flush_ops, None);
+        self.count(_g.thread, &r, FLUSH_OPS, None);
         r
     }
 }

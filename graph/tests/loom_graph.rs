@@ -110,15 +110,13 @@ fn a_held_request_never_enters_a_drained_backend() {
         let r = {
             let (i, q, e) = (inflight.clone(), quiesce.clone(), entered.clone());
             thread::spawn(move || {
-                // Backend::enter: count in flight, fence, check the drain.
-                i.inc(1);
-                fence(Ordering::SeqCst);
+                // Backend::enter: count in flight (ordered as by a fence), check the drain.
+                i.enter(1);
                 if q.load(Ordering::SeqCst) == 0 {
                     e.store(true, Ordering::SeqCst);
                     // ... the request runs; it leaves later.
                 } else {
-                    i.dec(1);
-                    fence(Ordering::SeqCst);
+                    i.leave(1);
                 }
             })
         };
