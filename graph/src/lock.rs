@@ -55,7 +55,12 @@ pub struct GraphLock {
 #[must_use]
 #[cfg_attr(feature = "unsound-no-graph-lock", allow(dead_code))]
 pub struct ReadGuard<'a> {
+    /// This thread's reader slot (natively the guard needs nothing else).
+    #[cfg(not(loom))]
+    counter: &'a AtomicU64,
+    #[cfg(loom)]
     lock: &'a GraphLock,
+    #[cfg(loom)]
     slot: usize,
     _not_send: PhantomData<*const ()>,
 }
@@ -90,20 +95,6 @@ impl GraphLock {
     #[inline]
     fn my_slot(&self) -> usize {
         iothreads::current_index_or(SLOTS - 1)
-    }
-
-    /// The reader's increment is a SeqCst read-modify-write: it orders the later load of
-    /// `writer` as the fence of the protocol does (and is the one locked instruction on x86).
-    #[cfg(not(loom))]
-    #[inline]
-    fn inc(&self, slot: usize) {
-        self.slot(slot).fetch_add(1, Ordering::SeqCst);
-    }
-
-    #[cfg(not(loom))]
-    #[inline]
-    fn dec(&self, slot: usize) {
-        self.slot(slot).fetch_sub(1, Ordering::Release);
     }
 
     #[cfg(not(loom))]
@@ -156,20 +147,38 @@ impl GraphLock {
         self.read_slot(slot)
     }
 
+    #[cfg(not(loom))]
     #[inline]
     fn read_slot(&self, slot: usize) -> ReadGuard<'_> {
+        let counter = self.slot(slot);
         #[cfg(feature = "unsound-no-graph-lock")]
         return ReadGuard {
-            lock: self,
-            slot,
+            counter,
             _not_send: PhantomData,
         };
         #[allow(unreachable_code)]
         loop {
+            // A SeqCst read-modify-write: it orders the load below as the protocol's fence.
+            counter.fetch_add(1, Ordering::SeqCst);
+            if !self.writer.load(Ordering::SeqCst) {
+                return ReadGuard {
+                    counter,
+                    _not_send: PhantomData,
+                };
+            }
+            counter.fetch_sub(1, Ordering::Release);
+            let mut b = Backoff::default();
+            while self.writer.load(Ordering::SeqCst) {
+                b.wait();
+            }
+        }
+    }
+
+    /// Loom: the same protocol with the explicit fence (loom weakens SeqCst operations).
+    #[cfg(loom)]
+    fn read_slot(&self, slot: usize) -> ReadGuard<'_> {
+        loop {
             self.inc(slot);
-            // Loom weakens SeqCst operations to AcqRel, so the model checks the protocol in
-            // its fence form; natively the SeqCst increment above is that fence.
-            #[cfg(loom)]
             fence(Ordering::SeqCst);
             if !self.writer.load(Ordering::SeqCst) {
                 return ReadGuard {
@@ -253,7 +262,9 @@ impl Backoff {
 impl Drop for ReadGuard<'_> {
     #[inline]
     fn drop(&mut self) {
-        #[cfg(not(feature = "unsound-no-graph-lock"))]
+        #[cfg(all(not(loom), not(feature = "unsound-no-graph-lock")))]
+        self.counter.fetch_sub(1, Ordering::Release);
+        #[cfg(loom)]
         self.lock.dec(self.slot);
     }
 }
