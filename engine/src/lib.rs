@@ -5,6 +5,7 @@ pub mod backend;
 pub mod controller;
 pub mod drivers;
 pub mod engine;
+pub mod image;
 
 pub use backend::{Backend, BackendOptions};
 pub use controller::{ChangeCtx, Controller};

@@ -37,6 +37,17 @@ pub struct ZeroFlags {
     pub fua: bool,
 }
 
+/// What a range of a node holds, as block status reports it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BlockStatus {
+    /// Data stored in this node (it may be zeroes, but it is stored here).
+    Data,
+    /// Reads as zeroes, stored as such in this node (no data below shows through).
+    Zero,
+    /// Not allocated in this node: reads come from below (a backing node), or zeroes.
+    Unallocated,
+}
+
 /// A block driver: how a node serves requests.
 pub trait Driver: Any + Send + Sync + 'static {
     /// The driver's name as QMP shows it (`file`, `null-co`, `raw`, `qcow2`, ...).
@@ -83,6 +94,18 @@ pub trait Driver: Any + Send + Sync + 'static {
 
     /// Makes every completed write durable.
     fn flush<'a>(&'a self, node: &'a Node) -> LocalBoxFuture<'a, io::Result<()>>;
+
+    /// The status of the range starting at `offset` (at most `len` bytes): what it is, and
+    /// for how many bytes from `offset` that holds (at least 1 when `len` > 0). Drivers
+    /// without allocation information report data for the whole range.
+    fn block_status<'a>(
+        &'a self,
+        _node: &'a Node,
+        _offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'a, io::Result<(BlockStatus, u64)>> {
+        Box::pin(async move { Ok((BlockStatus::Data, len)) })
+    }
 
     /// The permissions the node's users now take and share changed; a protocol driver moves
     /// its image locks to match (taking the new ones before dropping the old). Drivers without

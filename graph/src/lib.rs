@@ -26,7 +26,8 @@ pub mod txn;
 pub use drain::{drain_event, drained_begin, Drained};
 #[cfg(not(loom))]
 pub use driver::{
-    default_child_perms, metadata_file_perms, Driver, LocalBoxFuture, WriteFlags, ZeroFlags,
+    default_child_perms, metadata_file_perms, BlockStatus, Driver, LocalBoxFuture, WriteFlags,
+    ZeroFlags,
 };
 #[cfg(not(loom))]
 pub use edge::{Edge, Parent, Role, User};

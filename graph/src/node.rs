@@ -25,7 +25,7 @@ use parking_lot::Mutex;
 
 use crate::counter::PerThreadCounter;
 use crate::drain::drain_event;
-use crate::driver::{Driver, WriteFlags, ZeroFlags};
+use crate::driver::{BlockStatus, Driver, WriteFlags, ZeroFlags};
 use crate::edge::{Edge, Role, User};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock::{graph_lock, GraphCell, WriteGuard};
@@ -172,6 +172,21 @@ pub fn all_nodes() -> Vec<Arc<Node>> {
         .values()
         .filter_map(Weak::upgrade)
         .collect()
+}
+
+/// Without a closer: close the driver on any live IoThread (fire and forget), or drop it here
+/// if there is none (a driver's Drop does no I/O).
+fn close_on_any_iothread(driver: Box<dyn Driver>) {
+    let here = iothreads::current();
+    let target =
+        here.or_else(|| (0..iothreads::MAX_IOTHREADS).find_map(iothreads::handle_by_index));
+    match target {
+        Some(h) => drop(h.spawn_with(move || async move {
+            let _ = driver.close().await;
+            drop(driver);
+        })),
+        None => drop(driver),
+    }
 }
 
 /// Where a dropped node's driver goes to be closed. The engine's controller installs one; with
@@ -489,6 +504,19 @@ impl Node {
         r
     }
 
+    /// The status of the range at `offset`: what it is and for how many bytes (see
+    /// [`Driver::block_status`]). Past the end of the node it is unallocated.
+    pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {
+        let size = self.len();
+        if offset >= size {
+            return Ok((BlockStatus::Unallocated, len));
+        }
+        let len = len.min(size - offset);
+        let _g = self.enter()?;
+        let (st, n) = self.driver().block_status(self, offset, len).await?;
+        Ok((st, n.clamp(1, len.max(1))))
+    }
+
     /// Makes completed writes durable.
     pub async fn flush(&self) -> io::Result<()> {
         let _g = self.enter()?;
@@ -514,7 +542,7 @@ impl Drop for Node {
         if let Some(driver) = self.driver.take() {
             match CLOSER.get() {
                 Some(close) => close(std::mem::take(&mut self.name), driver),
-                None => drop(driver),
+                None => close_on_any_iothread(driver),
             }
         }
     }

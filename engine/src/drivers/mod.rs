@@ -1,5 +1,8 @@
-//! Block drivers: protocols (`file`, `null-co`) and, later, formats and filters.
+//! Block drivers: protocols (`file`, `null-co`), formats (`raw`, `qcow2`) and filters
+//! (`blkdebug`).
 
 pub mod blkdebug;
 pub mod file;
 pub mod null;
+pub mod qcow2;
+pub mod raw;

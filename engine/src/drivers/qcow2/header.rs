@@ -171,7 +171,11 @@ impl Header {
 
     /// Names an incompatible feature bit (from the image's table, else the spec).
     pub fn feature_name(&self, kind: u8, bit: u8) -> String {
-        if let Some((_, _, n)) = self.feature_names.iter().find(|(t, b, _)| *t == kind && *b == bit) {
+        if let Some((_, _, n)) = self
+            .feature_names
+            .iter()
+            .find(|(t, b, _)| *t == kind && *b == bit)
+        {
             return n.clone();
         }
         let known = match (kind, bit) {
@@ -192,7 +196,10 @@ impl Header {
             return Err(corrupt("Image is not in qcow2 format (too short)"));
         }
         if be32(buf, 0) != MAGIC {
-            return Err(Error::new(ErrorKind::InvalidArgument, "Image is not in qcow2 format"));
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                "Image is not in qcow2 format",
+            ));
         }
         let version = be32(buf, 4);
         if version != 2 && version != 3 {
@@ -242,8 +249,13 @@ impl Header {
             h.autoclear = be64(buf, 88);
             h.refcount_order = be32(buf, 96);
             h.header_length = be32(buf, 100);
-            if h.header_length < 104 || u64::from(h.header_length) > cluster_size.min(buf.len() as u64) {
-                return Err(corrupt(format!("qcow2 header length {} is invalid", h.header_length)));
+            if h.header_length < 104
+                || u64::from(h.header_length) > cluster_size.min(buf.len() as u64)
+            {
+                return Err(corrupt(format!(
+                    "qcow2 header length {} is invalid",
+                    h.header_length
+                )));
             }
             if h.refcount_order > 6 {
                 return Err(corrupt(format!(
@@ -258,10 +270,14 @@ impl Header {
                     t => return Err(corrupt(format!("Unknown compression type {t}"))),
                 };
             } else if h.incompatible & INCOMPAT_COMPRESSION != 0 {
-                return Err(corrupt("compression type bit set but the header has no compression type"));
+                return Err(corrupt(
+                    "compression type bit set but the header has no compression type",
+                ));
             }
             if h.incompatible & INCOMPAT_COMPRESSION == 0 && h.compression != Compression::Zlib {
-                return Err(corrupt("compression type set without its incompatible feature bit"));
+                return Err(corrupt(
+                    "compression type set without its incompatible feature bit",
+                ));
             }
         }
         // Tables must be cluster aligned and, where they matter for reading, inside the file.
@@ -271,10 +287,19 @@ impl Header {
         }
         let l1_bytes = u64::from(h.l1_size) * 8;
         if l1_bytes > MAX_L1_BYTES {
-            return Err(corrupt(format!("Active L1 table too large ({} entries)", h.l1_size)));
+            return Err(corrupt(format!(
+                "Active L1 table too large ({} entries)",
+                h.l1_size
+            )));
         }
-        if h.l1_size > 0 && h.l1_table_offset.checked_add(l1_bytes).is_none_or(|e| e > file_len) {
-            return Err(corrupt("Active L1 table offset invalid: it lies past the end of the file"));
+        if h.l1_size > 0
+            && h.l1_table_offset
+                .checked_add(l1_bytes)
+                .is_none_or(|e| e > file_len)
+        {
+            return Err(corrupt(
+                "Active L1 table offset invalid: it lies past the end of the file",
+            ));
         }
         let rt_bytes = u64::from(h.refcount_table_clusters) * cluster_size;
         if rt_bytes > MAX_REFTABLE_BYTES {
@@ -283,8 +308,13 @@ impl Header {
         if h.refcount_table_clusters == 0 {
             return Err(corrupt("Image does not contain a reference count table"));
         }
-        if h.refcount_table_offset.checked_add(rt_bytes).is_none_or(|e| e > file_len) {
-            return Err(corrupt("Reference count table offset invalid: it lies past the end of the file"));
+        if h.refcount_table_offset
+            .checked_add(rt_bytes)
+            .is_none_or(|e| e > file_len)
+        {
+            return Err(corrupt(
+                "Reference count table offset invalid: it lies past the end of the file",
+            ));
         }
         // The L1 table must cover the virtual size.
         if h.l1_entries_for(h.size) > u64::from(h.l1_size) {
@@ -320,7 +350,11 @@ impl Header {
         } else {
             limit
         };
-        let mut at = if self.version == 3 { self.header_length as usize } else { 72 };
+        let mut at = if self.version == 3 {
+            self.header_length as usize
+        } else {
+            72
+        };
         loop {
             if at + 8 > limit {
                 // QEMU accepts a header without an end marker when the cluster runs out.
@@ -333,7 +367,9 @@ impl Header {
                 return Ok(());
             }
             if at + len > limit {
-                return Err(corrupt(format!("qcow2 header extension {kind:#x} is truncated")));
+                return Err(corrupt(format!(
+                    "qcow2 header extension {kind:#x} is truncated"
+                )));
             }
             let data = &buf[at..at + len];
             match kind {
@@ -351,7 +387,10 @@ impl Header {
                 _ => {}
             }
             if !matches!(kind, EXT_BACKING_FORMAT | EXT_FEATURE_TABLE) {
-                self.unknown.push(RawExtension { kind, data: data.to_vec() });
+                self.unknown.push(RawExtension {
+                    kind,
+                    data: data.to_vec(),
+                });
             }
             at += len.next_multiple_of(8);
         }
@@ -370,8 +409,10 @@ impl Header {
     pub fn serialize(&self) -> Result<Vec<u8>, Error> {
         let cs = self.cluster_size() as usize;
         let mut b = vec![0u8; cs];
-        let put32 = |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
-        let put64 = |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
+        let put32 =
+            |b: &mut [u8], at: usize, v: u32| b[at..at + 4].copy_from_slice(&v.to_be_bytes());
+        let put64 =
+            |b: &mut [u8], at: usize, v: u64| b[at..at + 8].copy_from_slice(&v.to_be_bytes());
         put32(&mut b, 0, MAGIC);
         put32(&mut b, 4, self.version);
         put32(&mut b, 20, self.cluster_bits);
@@ -396,10 +437,13 @@ impl Header {
             };
             at = 112;
         }
-        let mut ext = |b: &mut Vec<u8>, at: &mut usize, kind: u32, data: &[u8]| -> Result<(), Error> {
+        let ext = |b: &mut Vec<u8>, at: &mut usize, kind: u32, data: &[u8]| -> Result<(), Error> {
             let need = 8 + data.len().next_multiple_of(8);
             if *at + need + 8 > cs {
-                return Err(Error::new(ErrorKind::InvalidArgument, "qcow2 header extensions do not fit in one cluster"));
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "qcow2 header extensions do not fit in one cluster",
+                ));
             }
             put32(b, *at, kind);
             put32(b, *at + 4, data.len() as u32);
@@ -437,7 +481,10 @@ impl Header {
         at += 8;
         if let Some(name) = &self.backing_file {
             if name.len() > MAX_BACKING_NAME as usize || at + name.len() > cs {
-                return Err(Error::new(ErrorKind::InvalidArgument, "Backing file name too long"));
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "Backing file name too long",
+                ));
             }
             b[at..at + name.len()].copy_from_slice(name.as_bytes());
             put64(&mut b, 8, at as u64);
@@ -477,7 +524,10 @@ mod tests {
             backing_format: Some("qcow2".into()),
             feature_names: Vec::new(),
             has_bitmaps: false,
-            unknown: vec![RawExtension { kind: 0x1234_5678, data: vec![1, 2, 3] }],
+            unknown: vec![RawExtension {
+                kind: 0x1234_5678,
+                data: vec![1, 2, 3],
+            }],
         }
     }
 
@@ -505,8 +555,16 @@ mod tests {
             (20, 63u32.to_be_bytes().to_vec(), "cluster_bits 63"),
             (20, 8u32.to_be_bytes().to_vec(), "cluster_bits 8"),
             (36, (1u32 << 30).to_be_bytes().to_vec(), "huge L1"),
-            (40, (u64::MAX - 65535).to_be_bytes().to_vec(), "L1 past the end"),
-            (48, (1u64 << 40).to_be_bytes().to_vec(), "refcount table past the end"),
+            (
+                40,
+                (u64::MAX - 65535).to_be_bytes().to_vec(),
+                "L1 past the end",
+            ),
+            (
+                48,
+                (1u64 << 40).to_be_bytes().to_vec(),
+                "refcount table past the end",
+            ),
             (56, 0u32.to_be_bytes().to_vec(), "no refcount table"),
             (96, 7u32.to_be_bytes().to_vec(), "refcount order 7"),
             (100, 50u32.to_be_bytes().to_vec(), "short header length"),
