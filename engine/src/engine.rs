@@ -17,6 +17,9 @@ use crate::controller::{ChangeCtx, Controller};
 use crate::drivers::blkdebug::{BlkdebugDriver, BlkdebugOptions};
 use crate::drivers::file::{FileDriver, FileOptions};
 use crate::drivers::null::{NullDriver, NullOptions};
+use crate::drivers::qcow2::{self, Qcow2Options};
+use crate::drivers::raw::{self, RawOptions};
+use crate::image;
 
 /// A child given by node-name or as a spec of its own (QMP's "reference or inline").
 #[derive(Debug, Clone)]
@@ -27,6 +30,18 @@ pub enum ChildSpec {
     Spec(Box<NodeSpec>),
 }
 
+/// Where a format node's backing node comes from.
+#[derive(Debug, Clone, Default)]
+pub enum BackingSpec {
+    /// The backing file the image's header names, opened read-only (QEMU's default).
+    #[default]
+    Default,
+    /// No backing node (QMP's `"backing": null`).
+    None,
+    /// This node.
+    Node(ChildSpec),
+}
+
 /// Which driver, with its options.
 #[derive(Debug, Clone)]
 pub enum DriverSpec {
@@ -34,6 +49,22 @@ pub enum DriverSpec {
     File(FileOptions),
     /// `null-co`.
     Null(NullOptions),
+    /// `raw` over `file`.
+    Raw {
+        /// The protocol child.
+        file: ChildSpec,
+        /// Options.
+        opts: RawOptions,
+    },
+    /// `qcow2` over `file`.
+    Qcow2 {
+        /// The protocol child.
+        file: ChildSpec,
+        /// The backing node.
+        backing: BackingSpec,
+        /// Options.
+        opts: Qcow2Options,
+    },
     /// `blkdebug` over `image`.
     Blkdebug {
         /// The filtered child.
@@ -93,47 +124,138 @@ pub fn lookup(name: &str) -> Result<Arc<Node>> {
     graph::find_node(name).ok_or_else(|| not_found(name))
 }
 
-/// Opens `spec` (and its inline children) inside a change.
-fn open_spec(ctx: &ChangeCtx, spec: &NodeSpec) -> Result<Arc<Node>> {
-    if let Some(n) = &spec.node_name {
-        graph::check_node_name(n)?;
-        if graph::find_node(n).is_some() {
-            return Err(Error::new(
-                ErrorKind::AlreadyExists,
-                format!("Duplicate nodes with node-name='{n}'"),
-            ));
-        }
-    }
-    let name = spec.node_name.as_deref();
-    match &spec.driver {
-        DriverSpec::File(o) => {
-            let o = FileOptions {
-                read_only: spec.read_only || o.read_only,
-                ..o.clone()
-            };
-            let d = FileDriver::open(&o)?;
-            Node::new(name, Box::new(d), o.read_only)
-        }
-        DriverSpec::Null(o) => {
-            Node::new(name, Box::new(NullDriver::new(o.clone())), spec.read_only)
-        }
-        DriverSpec::Blkdebug { image, opts } => {
-            let child = child_node(ctx, image)?;
-            let node = Node::new(
-                name,
-                Box::new(BlkdebugDriver::new(opts.clone())),
-                spec.read_only,
-            )?;
-            ctx.transaction(|tx| tx.attach_child(&node, &child, Role::Filtered).map(drop))?;
-            Ok(node)
-        }
-    }
+/// Runs an I/O-doing open on the controller's IoThread.
+async fn on_io<T, F, Fut>(ctx: &ChangeCtx, f: F) -> Result<T>
+where
+    T: Send + 'static,
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = Result<T>> + 'static,
+{
+    ctx.io_thread().spawn_with(f).await.map_err(|e| {
+        Error::new(
+            ErrorKind::Busy,
+            format!("the controller's IoThread stopped: {e}"),
+        )
+    })?
 }
 
-fn child_node(ctx: &ChangeCtx, c: &ChildSpec) -> Result<Arc<Node>> {
+/// Opens `spec` (and its inline children) inside a change.
+fn open_spec<'a>(
+    ctx: &'a ChangeCtx,
+    spec: &'a NodeSpec,
+) -> std::pin::Pin<Box<dyn std::future::Future<Output = Result<Arc<Node>>> + 'a>> {
+    Box::pin(async move {
+        if let Some(n) = &spec.node_name {
+            graph::check_node_name(n)?;
+            if graph::find_node(n).is_some() {
+                return Err(Error::new(
+                    ErrorKind::AlreadyExists,
+                    format!("Duplicate nodes with node-name='{n}'"),
+                ));
+            }
+        }
+        let name = spec.node_name.clone();
+        match &spec.driver {
+            DriverSpec::File(o) => {
+                let o = FileOptions {
+                    read_only: spec.read_only || o.read_only,
+                    ..o.clone()
+                };
+                let d = FileDriver::open(&o)?;
+                let ro = d.is_read_only();
+                Node::new(name.as_deref(), Box::new(d), ro)
+            }
+            DriverSpec::Null(o) => Node::new(
+                name.as_deref(),
+                Box::new(NullDriver::new(o.clone())),
+                spec.read_only,
+            ),
+            DriverSpec::Blkdebug { image, opts } => {
+                let child = child_node(ctx, image).await?;
+                let node = Node::new(
+                    name.as_deref(),
+                    Box::new(BlkdebugDriver::new(opts.clone())),
+                    spec.read_only,
+                )?;
+                ctx.transaction(|tx| tx.attach_child(&node, &child, Role::Filtered).map(drop))?;
+                Ok(node)
+            }
+            DriverSpec::Raw { file, opts } => {
+                let file = child_node(ctx, file).await?;
+                raw::open(name.as_deref(), &file, opts.clone(), spec.read_only)
+            }
+            DriverSpec::Qcow2 {
+                file,
+                backing,
+                opts,
+            } => {
+                let file = child_node(ctx, file).await?;
+                let o = Qcow2Options {
+                    read_only: spec.read_only || opts.read_only,
+                    ..opts.clone()
+                };
+                let f2 = Arc::clone(&file);
+                let node = on_io(ctx, move || async move {
+                    qcow2::open(name.as_deref(), &f2, &o).await
+                })
+                .await?;
+                let below = match backing {
+                    BackingSpec::None => None,
+                    BackingSpec::Node(c) => Some(child_node(ctx, c).await?),
+                    BackingSpec::Default => default_backing(ctx, &node, &file).await?,
+                };
+                if let Some(b) = below {
+                    ctx.transaction(|tx| tx.set_backing(&node, Some(&b)))?;
+                }
+                Ok(node)
+            }
+        }
+    })
+}
+
+/// Opens the backing chain a qcow2 node's header names, read-only, relative names resolved
+/// against the image's folder.
+async fn default_backing(
+    ctx: &ChangeCtx,
+    node: &Arc<Node>,
+    file: &Arc<Node>,
+) -> Result<Option<Arc<Node>>> {
+    let h = node
+        .driver_as::<qcow2::Qcow2Driver>()
+        .map(|d| d.info().header)
+        .expect("qcow2");
+    let Some(name) = h.backing_file.filter(|n| !n.is_empty()) else {
+        return Ok(None);
+    };
+    let image_path = file.driver().filename().unwrap_or(".").to_string();
+    let path = image::resolve_backing(std::path::Path::new(&image_path), &name)?;
+    let format = h
+        .backing_format
+        .as_deref()
+        .map(image::Format::parse)
+        .transpose()?;
+    let opts = image::ImageOptions {
+        format,
+        read_only: true,
+        ..Default::default()
+    };
+    let p = path.clone();
+    let b = on_io(ctx, move || async move { image::open(&p, &opts).await })
+        .await
+        .map_err(|e| {
+            Error::new(
+                e.kind(),
+                format!("Could not open backing file '{}'", path.display()),
+            )
+            .with_source(e)
+        })?;
+    Ok(Some(b))
+}
+
+async fn child_node(ctx: &ChangeCtx, c: &ChildSpec) -> Result<Arc<Node>> {
     match c {
         ChildSpec::Name(n) => lookup(n),
-        ChildSpec::Spec(s) => open_spec(ctx, s),
+        ChildSpec::Spec(s) => open_spec(ctx, s).await,
     }
 }
 
@@ -179,7 +301,7 @@ impl Engine {
     pub fn add_node(&self, spec: NodeSpec) -> Result<Arc<Node>> {
         let owned = Arc::clone(&self.owned);
         self.controller.change_blocking(move |ctx| async move {
-            let node = open_spec(&ctx, &spec)?;
+            let node = open_spec(&ctx, &spec).await?;
             owned
                 .lock()
                 .insert(node.name().to_string(), Arc::clone(&node));
@@ -272,7 +394,7 @@ impl Engine {
         let name = below.to_string();
         self.controller.change_blocking(move |ctx| async move {
             let below = lookup(&name)?;
-            let f = open_spec(&ctx, &filter)?;
+            let f = open_spec(&ctx, &filter).await?;
             let drained = ctx.drain(std::slice::from_ref(&below)).await;
             let r = ctx.transaction(|tx| tx.insert_filter(&f, &below));
             drained.end();
@@ -299,10 +421,41 @@ impl Engine {
         })
     }
 
+    /// Flushes every node the engine owns (QEMU's `bdrv_flush_all`).
+    pub fn flush_all(&self) -> Result<()> {
+        let nodes: Vec<Arc<Node>> = self.owned.lock().values().cloned().collect();
+        let io = self.controller.io_thread().clone();
+        io.block_on(move || async move {
+            for n in nodes {
+                n.flush()
+                    .await
+                    .map_err(|e| Error::io(format!("Failed to flush node '{}'", n.name()), e))?;
+            }
+            Ok(())
+        })
+        .map_err(|e| {
+            Error::new(
+                ErrorKind::Busy,
+                format!("the controller's IoThread stopped: {e}"),
+            )
+        })?
+    }
+
     /// Reopens a node read-only or read-write, moving its image locks without a window.
     pub fn reopen(&self, node: &str, read_only: bool) -> Result<()> {
         self.with_drained(node, move |ctx, n| {
             ctx.transaction(|tx| tx.set_read_only(n, read_only))
         })
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Flush first (the closes below may run on another engine's controller in a process
+        // that has several), then let go of the owned nodes while the controller still runs,
+        // so their closes run before the IoThreads stop.
+        let _ = self.flush_all();
+        let owned = std::mem::take(&mut *self.owned.lock());
+        drop(owned);
     }
 }

@@ -9,6 +9,6 @@ pub mod image;
 
 pub use backend::{Backend, BackendOptions};
 pub use controller::{ChangeCtx, Controller};
-pub use engine::{ChildSpec, DriverSpec, Engine, EngineOptions, NodeSpec};
+pub use engine::{BackingSpec, ChildSpec, DriverSpec, Engine, EngineOptions, NodeSpec};
 pub use graph::{Error, ErrorKind, Node, Perm, WriteFlags, ZeroFlags};
 pub use iothreads::{IoBuf, IoThread, IoThreadHandle, IoThreadOptions};

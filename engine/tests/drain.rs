@@ -464,3 +464,78 @@ fn dropping_the_last_reference_closes_the_node_on_the_controller_iothread() {
     let on = closed_on.lock().unwrap();
     assert!(on.is_some(), "closed off any IoThread");
 }
+
+#[test]
+fn engine_qcow2_chains_are_opened_written_and_closed_cleanly() {
+    use engine::drivers::qcow2::create::CreateOptions;
+    use engine::image::{self, Format};
+    use engine::{BackingSpec, ChildSpec, DriverSpec, NodeSpec};
+    let Some(_) = common::qemu_tool("qemu-img") else {
+        return;
+    };
+    let base = common::Scratch::new("ebase");
+    let top = common::Scratch::new("etop");
+    let (bp, tp) = (base.0.clone(), top.0.clone());
+    iothreads::block_on_current(Default::default(), async move {
+        image::create(
+            &bp,
+            Format::Qcow2,
+            &CreateOptions {
+                size: 1 << 20,
+                ..Default::default()
+            },
+        )
+        .await
+        .unwrap();
+        let bn = bp.file_name().unwrap().to_str().unwrap().to_string();
+        let o = CreateOptions {
+            size: 1 << 20,
+            backing_file: Some(bn),
+            ..Default::default()
+        };
+        image::create(&tp, Format::Qcow2, &o).await.unwrap();
+    })
+    .unwrap();
+    let e = engine();
+    let name = uniq("top");
+    let spec = NodeSpec {
+        node_name: Some(name.clone()),
+        read_only: false,
+        driver: DriverSpec::Qcow2 {
+            file: ChildSpec::Spec(Box::new(NodeSpec {
+                node_name: None,
+                read_only: false,
+                driver: DriverSpec::File(engine::drivers::file::FileOptions::new(&top.0)),
+            })),
+            backing: BackingSpec::Default,
+            opts: Default::default(),
+        },
+    };
+    let node = e.add_node(spec).unwrap();
+    assert!(
+        node.backing().is_some(),
+        "the header's backing file is opened"
+    );
+    let b = e.backend(&name, &[], BackendOptions::default()).unwrap();
+    let (r, _) = b.write_blocking(4096, IoBuf::from_slice(&[7u8; 100]));
+    r.unwrap();
+    drop(b);
+    drop(node);
+    // Dropping the engine closes the image, writing its metadata back.
+    drop(e);
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", top.path()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    let out = std::process::Command::new("qemu-io")
+        .args(["-f", "qcow2", "-r", "-c", "read -P 7 4096 100", top.path()])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("Pattern verification failed"), "{text}");
+}
