@@ -5,6 +5,9 @@
 //! and exit code 2).
 
 mod bench;
+mod create;
+mod imgcli;
+mod info;
 
 use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
@@ -20,7 +23,11 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run a fio-like load through the engine against a file or a null node.
-    Bench(bench::BenchArgs),
+    Bench(Box<bench::BenchArgs>),
+    /// Create a new image (as qemu-img create).
+    Create(create::CreateArgs),
+    /// Show what an image is (as qemu-img info).
+    Info(info::InfoArgs),
 }
 
 fn main() {
@@ -32,7 +39,9 @@ fn main() {
         Err(e) => std::process::exit(usage_error(&e, &argv)),
     };
     let code = match cli.command {
-        Command::Bench(args) => bench::main(args, argv),
+        Command::Bench(args) => bench::main(*args, argv),
+        Command::Create(args) => create::main(args),
+        Command::Info(args) => info::main(args),
     };
     std::process::exit(code);
 }
@@ -45,16 +54,27 @@ fn usage_error(e: &clap::Error, argv: &[String]) -> i32 {
     }
     let prog = match argv.get(1).map(String::as_str) {
         Some("bench") => "strata bench",
+        Some("create") => "strata create",
+        Some("info") => "strata info",
         _ => "strata",
     };
     if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
-        eprintln!("{prog}: error: a subcommand is required (bench); see '{prog} --help'");
+        eprintln!(
+            "{prog}: error: a subcommand is required (bench, create, info); see '{prog} --help'"
+        );
         return 1;
     }
     let text = e.to_string();
     let mut lines = text.lines().map(str::trim).filter(|l| !l.is_empty());
     let first = lines.next().unwrap_or("invalid usage");
     let mut msg = first.strip_prefix("error: ").unwrap_or(first).to_string();
+    // "the following required arguments were not provided:" names them on the next line.
+    if msg.ends_with(':') {
+        if let Some(next) = lines.next() {
+            msg.push(' ');
+            msg.push_str(next);
+        }
+    }
     if let Some(tip) = lines.find_map(|l| l.strip_prefix("tip: ")) {
         msg.push_str(&format!(" ({tip})"));
     }

@@ -5,11 +5,14 @@
 //! and report ([`report`]). The main thread only sets up, waits, draws the progress line
 //! ([`progress`]) and prints; all I/O runs on the IoThreads.
 //!
-//! Without `--filename` (file driver) the run makes a scratch file in the temporary directory
-//! and lays it out by writing it fully, so that reads hit real data. The file is removed on
-//! every way out: normal ends and errors by a guard's `Drop`, Ctrl-C (or SIGTERM) by a handler
-//! that only sets a stop flag (the jobs stop, the report is printed, the guard runs), and a
-//! second Ctrl-C by the handler itself (unlink, then `_exit`).
+//! With the file driver the target is an image opened with [`engine::image::open`]: its format
+//! given by `--format` or probed, a qcow2 image with its backing chain, and the jobs run on the
+//! top format node (`raw` over `file` for a plain file). A qcow2 image is flushed on a job's
+//! IoThread before the nodes go. Without `--filename` the run makes a raw scratch file in the
+//! temporary directory and lays it out by writing it fully, so that reads hit real data. The
+//! file is removed on every way out: normal ends and errors by a guard's `Drop`, Ctrl-C (or
+//! SIGTERM) by a handler that only sets a stop flag (the jobs stop, the report is printed, the
+//! guard runs), and a second Ctrl-C by the handler itself (unlink, then `_exit`).
 //!
 //! With `--drain-every` the run also starts a controller (on job 0's IoThread) and a drainer
 //! thread ([`drain`]) that drains the target node(s) on that period while the jobs run.
@@ -33,6 +36,7 @@ use std::time::{Duration, Instant};
 
 use engine::backend::BackendOptions;
 use engine::drivers::{file, null};
+use engine::image::{self, Format, ImageOptions};
 use engine::{Backend, Node};
 use iothreads::{IoThread, IoThreadHandle, IoThreadOptions};
 
@@ -169,13 +173,36 @@ fn direct_alignment(node: &Node) -> u64 {
 
 /// What the jobs run against.
 struct Target {
-    /// One file node for all jobs, or one null node per job.
+    /// One image's top node for all jobs, or one null node per job.
     nodes: Vec<Arc<Node>>,
     /// The path, or `null-co`.
     label: String,
+    /// The top image's format (`raw`, `qcow2`); empty for null nodes.
+    format: &'static str,
+    /// The format and the chain's depth, for the report; empty for null nodes.
+    image: String,
 }
 
-fn open_target(opts: &mut Options, scratch: &mut Option<Scratch>) -> Result<Target, String> {
+/// Opens the image at `path` on the IoThread `io` (formats read their headers there).
+fn open_image(
+    io: &IoThreadHandle,
+    path: &Path,
+    io_opts: ImageOptions,
+) -> Result<Arc<Node>, String> {
+    let p = path.to_path_buf();
+    io.block_on(move || async move {
+        image::open(&p, &io_opts)
+            .await
+            .map_err(|e| e.full_message())
+    })
+    .map_err(|e| e.to_string())?
+}
+
+fn open_target(
+    opts: &mut Options,
+    scratch: &mut Option<Scratch>,
+    io: &IoThreadHandle,
+) -> Result<Target, String> {
     if opts.driver == DriverKind::Null {
         let size = opts.extent();
         let nodes = (0..opts.numjobs)
@@ -194,6 +221,8 @@ fn open_target(opts: &mut Options, scratch: &mut Option<Scratch>) -> Result<Targ
         return Ok(Target {
             nodes,
             label: "null-co".into(),
+            format: "",
+            image: String::new(),
         });
     }
     let path = match &opts.filename {
@@ -206,14 +235,26 @@ fn open_target(opts: &mut Options, scratch: &mut Option<Scratch>) -> Result<Targ
         }
     };
     let label = path.display().to_string();
-    let fo = file::FileOptions {
-        direct: opts.direct,
+    // The file of every image in the chain uses the IoThreads' registered file tables when
+    // they have them, which they do with --registerfiles=1.
+    let io_opts = ImageOptions {
+        format: if scratch.is_some() {
+            Some(Format::Raw)
+        } else {
+            opts.image_format
+        },
         read_only: opts.rw.is_read_only(),
+        direct: opts.direct,
         aio: opts.aio,
-        register_file: opts.registerfiles,
-        ..file::FileOptions::new(&path)
+        ..ImageOptions::default()
     };
-    let node = file::open("bench-file", &fo).map_err(|e| e.full_message())?;
+    let node = open_image(io, &path, io_opts)?;
+    let format = node.driver_name();
+    let depth = std::iter::successors(Some(Arc::clone(&node)), |n| n.backing()).count();
+    let image = match depth {
+        1 => format.to_string(),
+        n => format!("{format}, backing chain of {n} images"),
+    };
     let len = node.len();
     if opts.size_from_file {
         opts.size_from_len(len, &format!("'{label}'"))?;
@@ -233,7 +274,9 @@ fn open_target(opts: &mut Options, scratch: &mut Option<Scratch>) -> Result<Targ
         ));
     }
     if opts.direct {
-        let a = direct_alignment(&node);
+        // The alignment is the top image's file's (raw and qcow2 nodes pass requests of any
+        // alignment down to it).
+        let a = direct_alignment(&node.file().unwrap_or_else(|| Arc::clone(&node)));
         if !opts.bs.is_multiple_of(a) {
             let how = if opts.bs < a {
                 "is below"
@@ -263,6 +306,8 @@ fn open_target(opts: &mut Options, scratch: &mut Option<Scratch>) -> Result<Targ
     Ok(Target {
         nodes: vec![node],
         label,
+        format,
+        image,
     })
 }
 
@@ -317,9 +362,9 @@ fn start_iothreads(opts: &Options) -> Result<Vec<IoThread>, String> {
 fn run(mut opts: Options, argv: &[String]) -> Result<i32, String> {
     // Declared first, so dropped last: after the nodes and IoThreads are gone.
     let mut scratch: Option<Scratch> = None;
-    let target = open_target(&mut opts, &mut scratch)?;
-    let opts = Arc::new(opts);
     let threads = start_iothreads(&opts)?;
+    let target = open_target(&mut opts, &mut scratch, &threads[0].handle())?;
+    let opts = Arc::new(opts);
     let backends = attach(&target, &threads)?;
     // Started before the jobs, so that a failure leaves nothing running; the drainer that
     // owns it is declared after `threads`, so it (and the controller) drops before them.
@@ -334,6 +379,8 @@ fn run(mut opts: Options, argv: &[String]) -> Result<i32, String> {
         opts: &opts,
         argv,
         target: &target.label,
+        image: &target.image,
+        image_format: target.format,
         results: &[],
         drain: None,
     };
@@ -388,6 +435,15 @@ fn run(mut opts: Options, argv: &[String]) -> Result<i32, String> {
     }
     // The jobs have ended: stop the drainer and its controller before the report.
     let drain_report = drainer.map(drain::Drainer::finish).transpose()?;
+    // A qcow2 image keeps metadata in its caches: write it back (and make it durable) on a
+    // job's IoThread while everything is still up, before the nodes are dropped.
+    let flushed = if target.format == "qcow2" && !opts.rw.is_read_only() {
+        backends[0]
+            .flush_blocking()
+            .map_err(|e| format!("cannot flush '{}': {e}", target.label))
+    } else {
+        Ok(())
+    };
     let info = report::RunInfo {
         results: &results,
         drain: drain_report.as_ref(),
@@ -412,6 +468,10 @@ fn run(mut opts: Options, argv: &[String]) -> Result<i32, String> {
             );
             code = 1;
         }
+    }
+    if let Err(e) = flushed {
+        eprintln!("strata bench: error: {e}");
+        code = 1;
     }
     if code == 0 && STOP.load(Ordering::SeqCst) {
         eprintln!("strata bench: interrupted");

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use clap::Args;
 use engine::drivers::file::Aio;
+use engine::image::Format;
 
 /// The command line of `strata bench`.
 #[derive(Debug, Default, Args)]
@@ -82,6 +83,10 @@ pub struct BenchArgs {
     /// file or null (fio's ioengine) [default: file]
     #[arg(long, value_name = "DRIVER")]
     pub driver: Option<String>,
+    /// Image format of --filename: raw or qcow2 (a qcow2 image runs with its backing chain)
+    /// [default: probed]
+    #[arg(long = "format", value_name = "FMT")]
+    pub image_format: Option<String>,
     /// Register the file in each IoThread's ring (0/1) [default: 0]
     #[arg(long, value_name = "0|1")]
     pub registerfiles: Option<String>,
@@ -103,10 +108,11 @@ pub struct BenchArgs {
 impl BenchArgs {
     /// The options given on the command line, by fio name, in a fixed order.
     pub fn given(&self) -> Vec<(&'static str, String)> {
-        let all: [(&'static str, &Option<String>); 22] = [
+        let all: [(&'static str, &Option<String>); 23] = [
             ("name", &self.name),
             ("filename", &self.filename),
             ("driver", &self.driver),
+            ("format", &self.image_format),
             ("rw", &self.rw),
             ("rwmixread", &self.rwmixread),
             ("bs", &self.bs),
@@ -251,6 +257,8 @@ pub struct Options {
     pub filename: Option<PathBuf>,
     /// The driver.
     pub driver: DriverKind,
+    /// The image format of `filename` (None: probed); the scratch file is raw.
+    pub image_format: Option<Format>,
     /// Bytes per job region (0 until resolved when `size_from_file`).
     pub size: u64,
     /// Whether `size` is still to be taken from the file's length.
@@ -473,6 +481,22 @@ pub fn validate(args: &BenchArgs) -> Result<Options, String> {
         return Err("--filename is empty".into());
     }
     let quick = filename.is_none();
+    let image_format = match args.image_format.as_deref() {
+        None => None,
+        Some(_) if driver == DriverKind::Null => {
+            return Err("--format cannot be used with --driver=null (it has no image)".into())
+        }
+        Some(f) => {
+            let fmt = Format::parse(f)
+                .map_err(|_| format!("--format={f}: unknown image format (valid: raw, qcow2)"))?;
+            if quick && fmt != Format::Raw {
+                return Err(format!(
+                    "--format={f} needs --filename (the scratch file is raw)"
+                ));
+            }
+            Some(fmt)
+        }
+    };
 
     let rw = match args.rw.as_deref() {
         None => {
@@ -590,6 +614,7 @@ pub fn validate(args: &BenchArgs) -> Result<Options, String> {
     let opts = Options {
         filename,
         driver,
+        image_format,
         size,
         size_from_file,
         offset,
@@ -666,6 +691,7 @@ mod tests {
                 "numjobs" => a.numjobs = v,
                 "verify" => a.verify = v,
                 "driver" => a.driver = v,
+                "format" => a.image_format = v,
                 "runtime" => a.runtime = v,
                 "time_based" => a.time_based = v,
                 "offset_increment" => a.offset_increment = v,
@@ -719,6 +745,15 @@ mod tests {
         assert!(e(&[("drain_every", "0")]).contains("--drain-every=0"));
         assert!(e(&[("drain_every", "1.5")]).contains("--drain-every=1.5"));
         assert!(e(&[("drain_every", "10ms")]).contains("not a whole number"));
+        assert!(e(&[("format", "vmdk"), ("filename", "/x")]).contains("--format=vmdk"));
+        assert!(e(&[("format", "qcow2")]).contains("needs --filename"));
+        assert!(e(&[("format", "raw"), ("driver", "null")]).contains("--driver=null"));
+        assert_eq!(
+            validate(&args(&[("format", "qcow2"), ("filename", "/x")]))
+                .unwrap()
+                .image_format,
+            Some(Format::Qcow2)
+        );
         assert_eq!(
             validate(&args(&[("drain_every", "10")]))
                 .unwrap()

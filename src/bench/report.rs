@@ -34,6 +34,11 @@ pub struct RunInfo<'a> {
     pub argv: &'a [String],
     /// What the jobs ran against (a path, or `null-co`).
     pub target: &'a str,
+    /// The image: its format and, for a chain, its depth (`qcow2`, `qcow2, backing chain of
+    /// 3 images`); empty for null runs.
+    pub image: &'a str,
+    /// The format of the top image (`raw`, `qcow2`); empty for null runs.
+    pub image_format: &'a str,
     /// The jobs' results, by job number.
     pub results: &'a [JobResult],
     /// What the drainer measured, with `--drain-every`.
@@ -209,11 +214,12 @@ pub fn header(info: &RunInfo<'_>) -> String {
     let target = match (o.driver, o.scratch()) {
         (DriverKind::Null, _) => "null-co (no I/O)".to_string(),
         (DriverKind::File, true) => format!(
-            "{} (scratch file of {}, removed at exit)",
+            "{} ({} scratch file of {}, removed at exit)",
             info.target,
+            info.image,
             fmt_size_iec(o.extent() as f64)
         ),
-        (DriverKind::File, false) => info.target.to_string(),
+        (DriverKind::File, false) => format!("{} ({})", info.target, info.image),
     };
     let _ = writeln!(s, "target: {target}");
     let bs = format!("{}B-{}B", o.bs, o.bs);
@@ -468,6 +474,9 @@ struct JsonMachine {
     kernel: String,
     nproc: usize,
     target: String,
+    /// The image's format (and chain depth); absent for null runs.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    image: String,
 }
 
 #[derive(Serialize)]
@@ -633,6 +642,9 @@ fn job_options(info: &RunInfo<'_>, i: u32) -> Ordered<String> {
         v.push(("filename".into(), info.target.to_string()));
     }
     v.push(("driver".into(), driver_name(o).into()));
+    if o.driver == DriverKind::File {
+        v.push(("format".into(), info.image_format.to_string()));
+    }
     v.push(("rw".into(), o.rw.name().into()));
     if o.rw.is_mixed() {
         v.push(("rwmixread".into(), o.rwmixread.to_string()));
@@ -744,6 +756,7 @@ pub fn json(info: &RunInfo<'_>) -> String {
             kernel: kernel_release(),
             nproc: nproc(),
             target: info.target.to_string(),
+            image: info.image.to_string(),
         },
     };
     let mut s =
