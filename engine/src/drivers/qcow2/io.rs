@@ -423,6 +423,9 @@ impl Qcow2Driver {
             }
             done += n;
         }
+        if self.meta.needs_writeback() {
+            self.meta.writeback(&file).await?;
+        }
         if flags.fua {
             self.do_flush(node).await?;
         }
@@ -487,6 +490,9 @@ impl Qcow2Driver {
             .await;
             self.meta.release(gc);
             r?;
+        }
+        if self.meta.needs_writeback() {
+            self.meta.writeback(&file).await?;
         }
         Ok(())
     }

@@ -263,6 +263,7 @@ impl Meta {
         let buf = r?;
         st.tick += 1;
         let used = st.tick;
+        self.evict(&mut st, Some(off));
         st.tables.insert(
             off,
             Table {
@@ -273,16 +274,20 @@ impl Meta {
                 used,
             },
         );
-        self.evict(&mut st);
         Ok(())
     }
 
-    fn evict(&self, st: &mut State) {
-        while st.tables.len() > self.capacity {
+    /// Drops least recently used clean tables until the cache is within its capacity (less
+    /// one slot for `keep`, about to be inserted). Dirty tables stay: the cache may grow past
+    /// its capacity until a writeback cleans them (writes trigger one). The table being
+    /// loaded is never the victim, or a lookup could load it forever.
+    fn evict(&self, st: &mut State, keep: Option<u64>) {
+        let limit = if keep.is_some() { self.capacity.saturating_sub(1) } else { self.capacity };
+        while st.tables.len() > limit {
             let victim = st
                 .tables
                 .iter()
-                .filter(|(_, t)| !t.dirty)
+                .filter(|(o, t)| !t.dirty && Some(**o) != keep)
                 .min_by_key(|(_, t)| t.used)
                 .map(|(o, _)| *o);
             match victim {
@@ -739,7 +744,7 @@ impl Meta {
                 st.unmapped.push(c * self.cs);
             }
         }
-        self.evict(&mut st);
+        self.evict(&mut st, None);
         Ok(())
     }
 
