@@ -26,6 +26,9 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 STRATA = os.path.join(ROOT, "target", "release", "strata")
 SHM = "/dev/shm/strata-peer.img"
+QCOW = "/dev/shm/strata-q.qcow2"
+QTOP = "/dev/shm/strata-qtop.qcow2"
+DISK_QCOW = "/var/tmp/strata-q.qcow2"
 DISK = "/var/tmp/strata-peer.img"
 SIZE = 1 << 30
 
@@ -37,6 +40,14 @@ def fio_cmd(file, rw, depth, direct, engine, runtime, jobs=1, size="1g"):
     if engine != "null":
         cmd += [f"--filename={file}", f"--direct={direct}"]
     return cmd
+
+
+def qemu_bench_cmd(img, write, depth, count):
+    cmd = ["qemu-img", "bench", "-f", "qcow2", "-t", "none", "-i", "io_uring", "-d", str(depth),
+           "-s", "4096", "-S", "428969984", "-c", str(count)]
+    if write:
+        cmd.append("-w")
+    return cmd + [img]
 
 
 def strata_cmd(file, rw, depth, direct, runtime, jobs=1, driver="file", extra=()):
@@ -70,6 +81,22 @@ def cases(runtime):
             f"null, 4k randread, iodepth 32, {jobs} job(s)",
             strata_cmd(None, "randread", 32, 0, runtime, jobs=jobs, driver="null"),
             "fio null", fio_cmd(None, "randread", 32, 0, "null", runtime, jobs=jobs))
+    # qcow2 against qemu-img bench (same image, O_DIRECT, io_uring), and against raw.
+    for rw, w in (("randread", False), ("randwrite", True)):
+        for d, count in ((32, 300000), (1, 60000)):
+            c[f"qcow2-{rw}-qd{d}"] = (
+                f"{QCOW} (1 GiB, fully written), 4k {rw}, iodepth {d}, direct",
+                strata_cmd(QCOW, rw, d, 1, runtime, extra=["--format=qcow2"]),
+                "qemu-img bench", qemu_bench_cmd(QCOW, w, d, count))
+    c["qcow2-chain-randread-qd32"] = (
+        f"{QTOP} (3-deep chain, data in the base), 4k randread, iodepth 32, direct",
+        strata_cmd(QTOP, "randread", 32, 1, runtime, extra=["--format=qcow2"]),
+        "qemu-img bench", qemu_bench_cmd(QTOP, False, 32, 300000))
+    for rw in ("randread", "randwrite"):
+        c[f"disk-qcow2-vs-raw-{rw}-qd32"] = (
+            f"/var/tmp: qcow2 (fully written) against raw, 4k {rw}, iodepth 32, direct",
+            strata_cmd(DISK_QCOW, rw, 32, 1, runtime, extra=["--format=qcow2"]),
+            "strata raw", strata_cmd(DISK, rw, 32, 1, runtime))
     # Ring options of strata, each against the plain ring on the same file (the "peer" here is
     # strata itself with --aio=io_uring and no options).
     for where, f in (("shm", SHM), ("disk", DISK)):
@@ -93,14 +120,21 @@ def make_file(path):
 
 
 def run(cmd):
-    """Runs a tool; returns its JSON document and the CPU seconds (user+sys) of its whole
-    process tree, io_uring's kernel workers included, from wait4."""
+    """Runs a tool; returns its JSON document (or, for qemu-img bench, an equivalent built
+    from its output)."""
     p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     out, err = p.communicate()
     # communicate() reaped the child: its rusage now counts in RUSAGE_CHILDREN.
     if p.returncode != 0:
         sys.exit(f"failed: {' '.join(cmd)}\n{err.decode()}")
     out = out.decode()
+    if cmd[0] == "qemu-img":
+        # "Run completed in 1.751 seconds."
+        secs = float(out.strip().splitlines()[-1].split()[3])
+        count = int(cmd[cmd.index("-c") + 1])
+        d = {"iops": count / secs, "total_ios": count, "runtime": secs * 1000}
+        empty = {"iops": 0, "total_ios": 0, "runtime": 0}
+        return {"jobs": [{"read": d, "write": empty}]}
     out = out[out.index("{"):]  # fio may print notes before the JSON
     return json.loads(out)
 
@@ -148,6 +182,14 @@ def main():
         sys.exit("fio is not installed (apt-get install fio)")
     for f in (SHM, DISK):
         make_file(f)
+    for q, src in ((QCOW, SHM), (DISK_QCOW, DISK)):
+        if not os.path.exists(q):
+            subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", src, q], check=True)
+    if not os.path.exists(QTOP):
+        base, mid = "/dev/shm/strata-qbase.qcow2", "/dev/shm/strata-qmid.qcow2"
+        shutil.copy(QCOW, base)
+        subprocess.run(["qemu-img", "create", "-f", "qcow2", "-b", os.path.basename(base), "-F", "qcow2", mid], check=True)
+        subprocess.run(["qemu-img", "create", "-f", "qcow2", "-b", os.path.basename(mid), "-F", "qcow2", QTOP], check=True)
     print(f"<!-- {platform.node()} {platform.release()} nproc={os.cpu_count()} "
           f"rounds={a.rounds} runtime={a.runtime}s -->")
     print("| case | strata IOPS | peer | peer IOPS | ratio | paired ratio | strata CPU/req | peer CPU/req | CPU ratio |")

@@ -94,6 +94,31 @@ impl ChangeCtx {
     }
 }
 
+/// A cheap handle to queue changes and queries on a controller from anywhere.
+#[derive(Clone)]
+pub struct ControllerHandle {
+    shared: Arc<Shared>,
+}
+
+impl ControllerHandle {
+    /// Queues a graph change (see [`Controller::change`]).
+    pub fn change<R, F, Fut>(&self, f: F) -> JoinHandle<Result<R>>
+    where
+        R: Send + 'static,
+        F: FnOnce(ChangeCtx) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<R>> + 'static,
+    {
+        let (tx, rx) = iothreads::join::channel();
+        self.shared.push(Work::Change(Box::new(move |ctx| {
+            Box::pin(async move {
+                let r = f(ctx).await;
+                tx.complete(r);
+            })
+        })));
+        rx
+    }
+}
+
 /// The controller thread and its inbox.
 pub struct Controller {
     shared: Arc<Shared>,
@@ -149,6 +174,13 @@ impl Controller {
     /// The controller's IoThread.
     pub fn io_thread(&self) -> &IoThreadHandle {
         &self.io
+    }
+
+    /// A handle for queueing changes from elsewhere (jobs queue their completions with it).
+    pub fn handle(&self) -> ControllerHandle {
+        ControllerHandle {
+            shared: Arc::clone(&self.shared),
+        }
     }
 
     /// Whether the caller runs on the controller thread.

@@ -8,7 +8,7 @@
 use std::collections::BTreeMap;
 use std::sync::Arc;
 
-use graph::{Error, ErrorKind, Node, Result, Role};
+use graph::{Error, ErrorKind, Node, Result, Role, Transaction};
 use iothreads::{IoThread, IoThreadHandle, IoThreadOptions};
 use parking_lot::Mutex;
 
@@ -20,6 +20,8 @@ use crate::drivers::null::{NullDriver, NullOptions};
 use crate::drivers::qcow2::{self, Qcow2Options};
 use crate::drivers::raw::{self, RawOptions};
 use crate::image;
+use crate::job::stream::StreamArgs;
+use crate::job::{Job, JobManager};
 
 /// A child given by node-name or as a spec of its own (QMP's "reference or inline").
 #[derive(Debug, Clone)]
@@ -107,6 +109,7 @@ impl Default for EngineOptions {
 pub struct Engine {
     // Field order is drop order: the controller stops (finishing closes on an IoThread)
     // before the IoThreads do.
+    jobs: JobManager,
     controller: Controller,
     owned: Arc<Mutex<BTreeMap<String, Arc<Node>>>>,
     iothreads: Vec<IoThread>,
@@ -125,7 +128,7 @@ pub fn lookup(name: &str) -> Result<Arc<Node>> {
 }
 
 /// Runs an I/O-doing open on the controller's IoThread.
-async fn on_io<T, F, Fut>(ctx: &ChangeCtx, f: F) -> Result<T>
+pub(crate) async fn on_io<T, F, Fut>(ctx: &ChangeCtx, f: F) -> Result<T>
 where
     T: Send + 'static,
     F: FnOnce() -> Fut + Send + 'static,
@@ -276,10 +279,21 @@ impl Engine {
         }
         let controller = Controller::start(iothreads[0].handle())?;
         Ok(Engine {
+            jobs: JobManager::new(controller.handle()),
             controller,
             owned: Arc::new(Mutex::new(BTreeMap::new())),
             iothreads,
         })
+    }
+
+    /// The block jobs.
+    pub fn jobs(&self) -> &JobManager {
+        &self.jobs
+    }
+
+    /// Starts a `block-stream` job (on IoThread 0).
+    pub fn stream(&self, args: StreamArgs) -> Result<Arc<Job>> {
+        crate::job::stream::start(&self.jobs, self.iothreads[0].handle(), args)
     }
 
     /// The controller.
@@ -441,12 +455,58 @@ impl Engine {
         })?
     }
 
-    /// Reopens a node read-only or read-write, moving its image locks without a window.
+    /// Reopens a node (and the files under it) read-only or read-write, moving its image
+    /// locks without a window. Giving up write access flushes the drained node first.
     pub fn reopen(&self, node: &str, read_only: bool) -> Result<()> {
-        self.with_drained(node, move |ctx, n| {
-            ctx.transaction(|tx| tx.set_read_only(n, read_only))
+        let name = node.to_string();
+        self.controller.change_blocking(move |ctx| async move {
+            let node = lookup(&name)?;
+            let drained = ctx.drain(std::slice::from_ref(&node)).await;
+            let r = reopen_drained(&ctx, &node, read_only).await;
+            drained.end();
+            r
         })
     }
+}
+
+/// Reopens `node` and the files under it (its `file` children, recursively) in `tx`: files
+/// first when gaining write access, last when giving it up.
+pub fn reopen_image(tx: &mut Transaction<'_>, node: &Arc<Node>, read_only: bool) -> Result<()> {
+    let files: Vec<Arc<Node>> = node
+        .children()
+        .iter()
+        .filter(|e| e.role() == Role::File)
+        .map(|e| e.child())
+        .collect();
+    if !read_only {
+        for f in &files {
+            reopen_image(tx, f, false)?;
+        }
+    }
+    tx.set_read_only(node, read_only)?;
+    if read_only {
+        for f in &files {
+            reopen_image(tx, f, true)?;
+        }
+    }
+    Ok(())
+}
+
+/// Reopens a drained `node` (flushing it first when it gives up write access) in a change.
+pub async fn reopen_drained(ctx: &ChangeCtx, node: &Arc<Node>, read_only: bool) -> Result<()> {
+    if node.is_read_only() == read_only {
+        return Ok(());
+    }
+    if read_only {
+        let n = Arc::clone(node);
+        on_io(ctx, move || async move {
+            n.flush()
+                .await
+                .map_err(|e| Error::io(format!("Failed to flush node '{}'", n.name()), e))
+        })
+        .await?;
+    }
+    ctx.transaction(|tx| reopen_image(tx, node, read_only))
 }
 
 impl Drop for Engine {
@@ -454,6 +514,7 @@ impl Drop for Engine {
         // Flush first (the closes below may run on another engine's controller in a process
         // that has several), then let go of the owned nodes while the controller still runs,
         // so their closes run before the IoThreads stop.
+        self.jobs.cancel_all_sync();
         let _ = self.flush_all();
         let owned = std::mem::take(&mut *self.owned.lock());
         drop(owned);

@@ -6,9 +6,10 @@ pub mod controller;
 pub mod drivers;
 pub mod engine;
 pub mod image;
+pub mod job;
 
 pub use backend::{Backend, BackendOptions};
-pub use controller::{ChangeCtx, Controller};
+pub use controller::{ChangeCtx, Controller, ControllerHandle};
 pub use engine::{BackingSpec, ChildSpec, DriverSpec, Engine, EngineOptions, NodeSpec};
 pub use graph::{Error, ErrorKind, Node, Perm, WriteFlags, ZeroFlags};
 pub use iothreads::{IoBuf, IoThread, IoThreadHandle, IoThreadOptions};

@@ -316,6 +316,15 @@ impl<'m> Transaction<'m> {
         self.detach(&edge)
     }
 
+    /// Freezes an edge for a job; refused if another job froze it already.
+    pub fn freeze(&mut self, edge: &Arc<Edge>) -> Result<()> {
+        if edge.is_frozen() {
+            return Err(frozen_error(edge));
+        }
+        self.set_frozen(edge, true);
+        Ok(())
+    }
+
     /// Freezes or thaws an edge.
     pub fn set_frozen(&mut self, edge: &Arc<Edge>, frozen: bool) {
         let was = edge.is_frozen();

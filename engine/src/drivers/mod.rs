@@ -2,6 +2,7 @@
 //! (`blkdebug`).
 
 pub mod blkdebug;
+pub mod cor;
 pub mod file;
 pub mod null;
 pub mod qcow2;

@@ -71,3 +71,83 @@ pub fn uniq(tag: &str) -> String {
     static N: AtomicUsize = AtomicUsize::new(0);
     format!("{tag}-{}", N.fetch_add(1, Ordering::Relaxed))
 }
+
+/// Runs a QEMU tool, panicking with its output if it fails; returns stdout.
+pub fn run_tool(args: &[&str]) -> String {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", args[0]));
+    assert!(
+        out.status.success(),
+        "{:?} failed:\n{}{}",
+        args,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Asserts `qemu-img check` finds no errors in `path`.
+pub fn assert_check_clean(path: &str) {
+    let out = Command::new("qemu-img")
+        .args(["check", path])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && text.contains("No errors were found"),
+        "qemu-img check {path}:\n{text}"
+    );
+}
+
+/// The guest content of `path` (any format, with its backing chain) as QEMU reads it.
+pub fn qemu_content(path: &str) -> Vec<u8> {
+    let raw = Scratch::new("content");
+    run_tool(&["qemu-img", "convert", "-O", "raw", path, raw.path()]);
+    std::fs::read(&raw.0).unwrap()
+}
+
+/// The backing file `qemu-img info` reports for `path`, if any.
+pub fn qemu_backing(path: &str) -> Option<String> {
+    let out = run_tool(&["qemu-img", "info", "--output=json", path]);
+    let key = "\"backing-filename\": \"";
+    out.find(key).map(|i| {
+        let rest = &out[i + key.len()..];
+        rest[..rest.find('"').unwrap()].to_string()
+    })
+}
+
+/// A chain of `n` qcow2 images of `size` bytes in `dir`: image 0 is the base, image i has
+/// image i-1 as backing file and holds pattern byte `i + 1` in its own 512 KiB stripe
+/// `[i * 512 KiB, (i + 1) * 512 KiB)` and in the first 64 KiB of the next stripe (so upper
+/// images shadow lower ones there).
+pub fn make_chain(dir: &str, tag: &str, n: usize, size: u64) -> Vec<Scratch> {
+    let mut imgs: Vec<Scratch> = Vec::new();
+    for i in 0..n {
+        let s = Scratch::new_in(dir, &format!("{tag}{i}"));
+        let size = size.to_string();
+        match imgs.last() {
+            None => run_tool(&["qemu-img", "create", "-q", "-f", "qcow2", s.path(), &size]),
+            Some(b) => run_tool(&[
+                "qemu-img",
+                "create",
+                "-q",
+                "-f",
+                "qcow2",
+                "-b",
+                b.path(),
+                "-F",
+                "qcow2",
+                s.path(),
+                &size,
+            ]),
+        };
+        let stripe = 512 * 1024;
+        let cmd = format!("write -P {} {} {}", i + 1, i * stripe, stripe + 65536);
+        run_tool(&["qemu-io", "-f", "qcow2", "-c", &cmd, s.path()]);
+        imgs.push(s);
+    }
+    imgs
+}

@@ -282,7 +282,11 @@ impl Meta {
     /// its capacity until a writeback cleans them (writes trigger one). The table being
     /// loaded is never the victim, or a lookup could load it forever.
     fn evict(&self, st: &mut State, keep: Option<u64>) {
-        let limit = if keep.is_some() { self.capacity.saturating_sub(1) } else { self.capacity };
+        let limit = if keep.is_some() {
+            self.capacity.saturating_sub(1)
+        } else {
+            self.capacity
+        };
         while st.tables.len() > limit {
             let victim = st
                 .tables
@@ -316,6 +320,11 @@ impl Meta {
     pub(crate) fn needs_writeback(&self) -> bool {
         let st = self.state.lock();
         st.dirty_tables * 2 > self.capacity
+    }
+
+    /// Whether any metadata table is dirty in the cache (a reopen read-only needs none).
+    pub(crate) fn has_dirty(&self) -> bool {
+        self.state.lock().dirty_tables > 0
     }
 
     /// Records that guest data was written since the last writeback.

@@ -22,7 +22,7 @@ mod io;
 pub mod layout;
 mod meta;
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 
 use graph::{
@@ -67,7 +67,9 @@ pub struct Qcow2Driver {
     size: u64,
     extended_l2: bool,
     compression: Compression,
-    read_only: bool,
+    read_only: AtomicBool,
+    /// A prepared reopen's mode (see [`Driver::reopen_prepare`]).
+    reopen_to: parking_lot::Mutex<Option<bool>>,
     meta: Meta,
     opened: Header,
     len: AtomicU64,
@@ -220,7 +222,8 @@ impl Qcow2Driver {
             size: h.size,
             extended_l2: h.extended_l2(),
             compression: h.compression,
-            read_only,
+            read_only: AtomicBool::new(read_only),
+            reopen_to: parking_lot::Mutex::new(None),
             meta,
             len: AtomicU64::new(h.size),
             opened,
@@ -230,7 +233,7 @@ impl Qcow2Driver {
 
     /// Whether the image is open read-only.
     pub fn is_read_only(&self) -> bool {
-        self.read_only
+        self.read_only.load(Ordering::Acquire)
     }
 
     /// The header as it was when the image was opened.
@@ -238,6 +241,62 @@ impl Qcow2Driver {
         Qcow2Info {
             header: self.opened.clone(),
         }
+    }
+
+    /// The backing file name and format the header names now.
+    pub fn backing_name(&self) -> (Option<String>, Option<String>) {
+        let h = self.meta.header.lock();
+        (h.backing_file.clone(), h.backing_format.clone())
+    }
+
+    /// Writes a new backing file name (and format) into the header, as QEMU's
+    /// `bdrv_change_backing_file` does: the image's metadata is written back first, then the
+    /// header, then a flush. `node` is this driver's node. Runs on an IoThread.
+    pub async fn change_backing_file(
+        &self,
+        node: &Node,
+        name: Option<&str>,
+        format: Option<&str>,
+    ) -> Result<(), Error> {
+        if self.is_read_only() {
+            return Err(Error::new(
+                ErrorKind::PermissionConflict,
+                "Block node is read-only",
+            ));
+        }
+        let file = node
+            .file()
+            .ok_or_else(|| Error::new(ErrorKind::NotFound, "qcow2 node has no file child"))?;
+        self.meta
+            .writeback(&file)
+            .await
+            .map_err(|e| io_error("cannot write metadata back", e))?;
+        let bytes = {
+            let mut h = self.meta.header.lock();
+            let old = (h.backing_file.clone(), h.backing_format.clone());
+            h.backing_file = name.map(str::to_string);
+            h.backing_format = if name.is_some() {
+                format.map(str::to_string)
+            } else {
+                None
+            };
+            match h.serialize() {
+                Ok(b) => b,
+                Err(e) => {
+                    (h.backing_file, h.backing_format) = old;
+                    return Err(e);
+                }
+            }
+        };
+        let mut cluster = vec![0u8; self.meta.cs.min(1 << 16) as usize];
+        cluster[..bytes.len()].copy_from_slice(&bytes);
+        let (r, _) = file
+            .write(0, IoBuf::from_slice(&cluster), WriteFlags::default())
+            .await;
+        r.map_err(|e| io_error("cannot write the header", e))?;
+        file.flush()
+            .await
+            .map_err(|e| io_error("cannot write the header", e))
     }
 
     /// The cluster size.
@@ -318,10 +377,57 @@ impl Driver for Qcow2Driver {
         }
     }
 
+    /// Reopening read-write checks what opening read-write checks (the header as opened:
+    /// this driver is its only writer); reopening read-only needs the metadata written back
+    /// first (callers flush the drained node before). The file child reopens on its own
+    /// (see `engine::reopen_image`).
+    fn reopen_prepare(&self, read_only: bool) -> Result<(), Error> {
+        let h = &self.opened;
+        if !read_only {
+            let refuse = |why: &str| {
+                Err(Error::new(
+                    ErrorKind::PermissionConflict,
+                    format!("qcow2: cannot reopen read-write: {why}"),
+                ))
+            };
+            if h.incompatible & header::INCOMPAT_CORRUPT != 0 {
+                return refuse("the image is marked corrupt");
+            }
+            if h.incompatible & header::INCOMPAT_DIRTY != 0 {
+                return refuse("the image was not closed cleanly (dirty bit set)");
+            }
+            if h.extended_l2() {
+                return refuse("writing images with extended L2 entries is not supported");
+            }
+            if h.autoclear != 0 {
+                return refuse(
+                    "the image has autoclear feature bits this driver does not maintain",
+                );
+            }
+        } else if self.meta.has_dirty() {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                "qcow2: cannot reopen read-only: metadata not written back (flush first)",
+            ));
+        }
+        *self.reopen_to.lock() = Some(read_only);
+        Ok(())
+    }
+
+    fn reopen_commit(&self) {
+        if let Some(ro) = self.reopen_to.lock().take() {
+            self.read_only.store(ro, Ordering::Release);
+        }
+    }
+
+    fn reopen_abort(&self) {
+        self.reopen_to.lock().take();
+    }
+
     fn close<'a>(&'a self) -> LocalBoxFuture<'a, std::io::Result<()>> {
         Box::pin(async move {
             match self.close_file.get() {
-                Some(file) if !self.read_only => {
+                Some(file) if !self.is_read_only() => {
                     self.meta.writeback(file).await?;
                     file.flush().await
                 }

@@ -1,0 +1,1 @@
+//! mirror job (in progress).

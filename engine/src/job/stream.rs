@@ -1,0 +1,448 @@
+//! `block-stream`: copies the data of the images between a node and a base into the node,
+//! then makes the base the node's backing file.
+//!
+//! The job puts a copy-on-read filter above the node (its `bottom` is the lowest image whose
+//! data is copied), so the job's copies and the guest's writes through the filter exclude each
+//! other, and guest reads copy too. The edges from the node down to the image above the base
+//! are frozen while the job runs; the job owns the filter, the node and the images it will
+//! drop ([`super::JobManager::check_free`]), so overlapping jobs are refused as QEMU refuses
+//! them, while jobs on disjoint parts of one chain run in parallel.
+//!
+//! Completion runs as one graph change: the base is looked up then (another job may have put
+//! or removed a filter above it meanwhile), the node is drained, its backing edge is set and
+//! its header rewritten, and the filter goes. Nothing else changes the graph in between.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use graph::{BlockStatus, Edge, Error, ErrorKind, Node, Perm, Result, Role};
+
+use super::chain::{
+    chain_contains, chain_until, filter_or_cow_edge, find_backing_image, find_overlay,
+    image_filename, image_format,
+};
+use super::{
+    job_io_error, ErrorAction, IoOp, Job, JobCx, JobDriver, JobManager, JobSetup, JobSpec, JobType,
+    OnError,
+};
+use crate::controller::ChangeCtx;
+use crate::drivers::cor::{self, CorDriver, CorOptions};
+use crate::drivers::qcow2::Qcow2Driver;
+use crate::engine::{lookup, on_io, reopen_drained};
+
+/// How much one iteration looks at and copies (QEMU's STREAM_CHUNK).
+pub const STREAM_CHUNK: u64 = 512 * 1024;
+
+/// The arguments of `block-stream`.
+#[derive(Debug, Clone)]
+pub struct StreamArgs {
+    /// Job id (default: `device`).
+    pub job_id: Option<String>,
+    /// The node to stream into (node name).
+    pub device: String,
+    /// The base, by file name: images below `device` down to (not including) it are copied.
+    pub base: Option<String>,
+    /// The base, by node name.
+    pub base_node: Option<String>,
+    /// The lowest image to copy from, by node name (instead of a base).
+    pub bottom: Option<String>,
+    /// The backing file name to write into the header (default: the base's file name).
+    pub backing_file: Option<String>,
+    /// Speed limit (bytes per second, 0: none).
+    pub speed: i64,
+    /// Error policy.
+    pub on_error: OnError,
+    /// Name for the copy-on-read filter (default: automatic).
+    pub filter_node_name: Option<String>,
+    /// Finalize without `job-finalize`.
+    pub auto_finalize: bool,
+    /// Dismiss without `job-dismiss`.
+    pub auto_dismiss: bool,
+}
+
+impl StreamArgs {
+    /// Streams the whole chain below `device` into it.
+    pub fn new(device: &str) -> StreamArgs {
+        StreamArgs {
+            job_id: None,
+            device: device.to_string(),
+            base: None,
+            base_node: None,
+            bottom: None,
+            backing_file: None,
+            speed: 0,
+            on_error: OnError::Report,
+            filter_node_name: None,
+            auto_finalize: true,
+            auto_dismiss: true,
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::InvalidArgument, msg)
+}
+
+/// Starts a stream job on `io`.
+pub(crate) fn start(
+    mgr: &JobManager,
+    io: iothreads::IoThreadHandle,
+    args: StreamArgs,
+) -> Result<Arc<Job>> {
+    if args.base.is_some() && args.base_node.is_some() {
+        return Err(invalid(
+            "'base' and 'base-node' cannot be specified at the same time",
+        ));
+    }
+    if args.base.is_some() && args.bottom.is_some() {
+        return Err(invalid(
+            "'base' and 'bottom' cannot be specified at the same time",
+        ));
+    }
+    if args.bottom.is_some() && args.base_node.is_some() {
+        return Err(invalid(
+            "'bottom' and 'base-node' cannot be specified at the same time",
+        ));
+    }
+    let spec = JobSpec {
+        id: args.job_id.clone().unwrap_or_else(|| args.device.clone()),
+        device: args.device.clone(),
+        speed: args.speed,
+        on_error: args.on_error,
+        auto_finalize: args.auto_finalize,
+        auto_dismiss: args.auto_dismiss,
+    };
+    mgr.create(spec, io, move |ctx, mgr| async move {
+        setup(&ctx, &mgr, args).await
+    })
+}
+
+/// Validation and graph setup, inside the creating change.
+async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: StreamArgs) -> Result<JobSetup> {
+    let bs = lookup(&args.device)?;
+    let mut base: Option<Arc<Node>> = None;
+    if let Some(name) = &args.base {
+        base = Some(
+            find_backing_image(&bs, name)
+                .ok_or_else(|| invalid(format!("Can't find '{name}' in the backing chain")))?,
+        );
+    }
+    if let Some(name) = &args.base_node {
+        let b = lookup(name)?;
+        if !chain_contains(&bs, &b) {
+            return Err(invalid(format!(
+                "Node '{name}' is not a backing image of '{}'",
+                args.device
+            )));
+        }
+        base = Some(b);
+    }
+    let mut bottom: Option<Arc<Node>> = None;
+    if let Some(name) = &args.bottom {
+        let b = lookup(name)?;
+        if b.is_filter() {
+            return Err(invalid(format!(
+                "Node '{name}' is a filter, use a non-filter node as 'bottom'"
+            )));
+        }
+        if !chain_contains(&bs, &b) {
+            return Err(invalid(format!(
+                "Node '{name}' is not in a chain starting from '{}'",
+                args.device
+            )));
+        }
+        bottom = Some(b);
+    }
+    if base.is_none() && bottom.is_none() && args.backing_file.is_some() {
+        return Err(invalid(
+            "backing file specified, but streaming the entire chain",
+        ));
+    }
+    // Every node the job will touch must be free of other jobs.
+    let end = match &bottom {
+        Some(b) => b.filter_or_cow_child(),
+        None => base.clone(),
+    };
+    for n in chain_until(Some(Arc::clone(&bs)), end.as_ref()) {
+        mgr.check_free(&n)?;
+    }
+
+    // The image directly above the base (the lowest one copied) and the node directly above
+    // the base (the same, or a filter between them).
+    let (base_overlay, above_base) = match (&bottom, &base) {
+        (Some(b), _) => (Arc::clone(b), Arc::clone(b)),
+        (None, Some(b)) => {
+            let overlay = find_overlay(&bs, b).ok_or_else(|| {
+                invalid(format!(
+                    "'{}' is not in the backing chain of '{}'",
+                    b.name(),
+                    bs.name()
+                ))
+            })?;
+            let mut above = Arc::clone(&overlay);
+            while let Some(next) = above.filter_or_cow_child() {
+                if Arc::ptr_eq(&next, b) {
+                    break;
+                }
+                above = next;
+            }
+            (overlay, above)
+        }
+        (None, None) => {
+            // The whole chain: its last image is the lowest one copied.
+            let mut last = bs.skip_filters();
+            while let Some(next) = last.backing_chain_next() {
+                last = next;
+            }
+            let mut above = Arc::clone(&last);
+            while let Some(next) = above.filter_or_cow_child() {
+                above = next;
+            }
+            (last, above)
+        }
+    };
+
+    let chain = chain_until(Some(Arc::clone(&bs)), Some(&above_base));
+    let frozen: Vec<Arc<Edge>> = chain.iter().filter_map(|n| filter_or_cow_edge(n)).collect();
+    let read_only = bs.is_read_only();
+    let filter = Node::new(
+        args.filter_node_name.as_deref(),
+        Box::new(CorDriver::new(CorOptions {
+            bottom: Some(Arc::clone(&base_overlay)),
+            granularity: 0,
+        })),
+        false,
+    )?;
+
+    // One drained transaction: freeze, reopen read-write, insert the filter. All or nothing.
+    let drained = ctx.drain(std::slice::from_ref(&bs)).await;
+    let r = ctx.transaction(|tx| {
+        for e in &frozen {
+            tx.freeze(e)?;
+        }
+        if read_only {
+            crate::engine::reopen_image(tx, &bs, false)?;
+        }
+        tx.attach_child(&filter, &bs, Role::Filtered)?;
+        tx.insert_filter(&filter, &bs)
+    });
+    drained.end();
+    r?;
+
+    // What the job owns: the filter (its main node), the node, and every node between the
+    // node and the base, which it lets nobody else write or resize.
+    let mut nodes = vec![
+        (Arc::clone(&filter), Perm::NONE, Perm::ALL),
+        (Arc::clone(&bs), Perm::NONE, Perm::ALL),
+    ];
+    let base_now = above_base.filter_or_cow_child();
+    for n in chain_until(bs.filter_or_cow_child(), base_now.as_ref()) {
+        nodes.push((n, Perm::NONE, Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED));
+    }
+    let driver = StreamJob {
+        top: bs,
+        filter,
+        base_overlay,
+        above_base,
+        backing_file: args.backing_file,
+        read_only,
+        frozen,
+    };
+    Ok(JobSetup {
+        driver: Box::new(driver),
+        nodes,
+    })
+}
+
+struct StreamJob {
+    /// The node streamed into (QEMU's target_bs).
+    top: Arc<Node>,
+    /// The copy-on-read filter above it.
+    filter: Arc<Node>,
+    /// The lowest image copied from.
+    base_overlay: Arc<Node>,
+    /// The node directly above the base.
+    above_base: Arc<Node>,
+    backing_file: Option<String>,
+    /// Whether `top` was read-only before the job (it is reopened so afterwards).
+    read_only: bool,
+    /// Edges frozen while the job runs (emptied when thawed).
+    frozen: Vec<Arc<Edge>>,
+}
+
+impl StreamJob {
+    fn thaw(&mut self, ctx: &ChangeCtx) {
+        let edges = std::mem::take(&mut self.frozen);
+        if !edges.is_empty() {
+            let _ = ctx.transaction(|tx| {
+                for e in &edges {
+                    tx.set_frozen(e, false);
+                }
+                Ok(())
+            });
+        }
+    }
+
+    async fn copy_loop(&self, cx: &JobCx) -> Result<()> {
+        let top = self.top.skip_filters();
+        if Arc::ptr_eq(&top, &self.base_overlay) {
+            return Ok(()); // nothing to stream
+        }
+        let cor = self
+            .filter
+            .driver_as::<CorDriver>()
+            .expect("the stream filter is copy-on-read");
+        let len = self.filter.len();
+        cx.set_total(len);
+        let mut offset = 0;
+        let mut first_error: Option<std::io::Error> = None;
+        let mut copied = false;
+        while offset < len {
+            if copied {
+                cx.rate_limit_wait().await;
+            } else {
+                cx.pause_point().await;
+            }
+            if cx.is_cancelled() {
+                break;
+            }
+            let want = STREAM_CHUNK.min(len - offset);
+            let r = self.one_chunk(cx, &top, cor, offset, want).await;
+            let (n, copy) = match r {
+                Ok(v) => v,
+                Err(e) => match cx.on_io_error(IoOp::Read, &e).await {
+                    ErrorAction::Stop => {
+                        copied = false;
+                        continue; // retry once resumed
+                    }
+                    ErrorAction::Report => {
+                        first_error.get_or_insert(e);
+                        break;
+                    }
+                    ErrorAction::Ignore => {
+                        first_error.get_or_insert(e);
+                        (want, false)
+                    }
+                },
+            };
+            cx.progress(n);
+            if copy {
+                cx.rate_account(n);
+            }
+            copied = copy;
+            offset += n;
+        }
+        match first_error {
+            // An ignored error still keeps the backing file (the copy is incomplete).
+            Some(e) => Err(job_io_error(&e)),
+            None => Ok(()),
+        }
+    }
+
+    /// Looks at `[offset, offset + want)`; copies what lies between the top and the base.
+    /// Returns how many bytes it covered and whether it copied.
+    async fn one_chunk(
+        &self,
+        _cx: &JobCx,
+        top: &Arc<Node>,
+        cor: &CorDriver,
+        offset: u64,
+        want: u64,
+    ) -> std::io::Result<(u64, bool)> {
+        let (st, n) = top.block_status(offset, want).await?;
+        let n = n.clamp(1, want);
+        if st != BlockStatus::Unallocated {
+            return Ok((n, false));
+        }
+        let (below, n) = match top.filter_or_cow_child() {
+            Some(b) => cor::is_allocated_above(&b, Some(&self.base_overlay), offset, n).await?,
+            None => (false, n),
+        };
+        if below {
+            cor.prefetch(&self.filter, offset, n).await?;
+        }
+        Ok((n, below))
+    }
+}
+
+impl JobDriver for StreamJob {
+    fn kind(&self) -> JobType {
+        JobType::Stream
+    }
+
+    fn run<'a>(&'a mut self, cx: &'a JobCx) -> Pin<Box<dyn Future<Output = Result<()>> + 'a>> {
+        Box::pin(self.copy_loop(cx))
+    }
+
+    fn prepare<'a>(
+        &'a mut self,
+        ctx: &'a ChangeCtx,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + 'a>> {
+        Box::pin(async move {
+            self.thaw(ctx);
+            let top = self.top.skip_filters();
+            if top.filter_or_cow_child().is_none() {
+                return Ok(());
+            }
+            // The base as it is now: another job may have put a filter above it or taken one
+            // away since this job started. No other change runs until this one ends.
+            let base = self.above_base.filter_or_cow_child();
+            let unfiltered_base = base.as_ref().map(|b| b.skip_filters());
+            let (name, format) = match &unfiltered_base {
+                Some(b) => (
+                    self.backing_file.clone().or_else(|| image_filename(b)),
+                    Some(image_format(b).to_string()),
+                ),
+                None => (None, None),
+            };
+            let drained = ctx.drain(std::slice::from_ref(&top)).await;
+            let r = async {
+                ctx.transaction(|tx| tx.set_backing(&top, base.as_ref()))?;
+                if top.driver_as::<Qcow2Driver>().is_some() {
+                    let t = Arc::clone(&top);
+                    on_io(ctx, move || async move {
+                        let d = t.driver_as::<Qcow2Driver>().expect("qcow2");
+                        d.change_backing_file(&t, name.as_deref(), format.as_deref())
+                            .await
+                    })
+                    .await?;
+                }
+                Ok(())
+            }
+            .await;
+            drained.end();
+            r
+        })
+    }
+
+    fn abort<'a>(&'a mut self, ctx: &'a ChangeCtx) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
+        Box::pin(async move { self.thaw(ctx) })
+    }
+
+    fn clean<'a>(&'a mut self, ctx: &'a ChangeCtx) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
+        Box::pin(async move {
+            self.thaw(ctx);
+            let drained = ctx.drain(std::slice::from_ref(&self.filter)).await;
+            let r = ctx.transaction(|tx| tx.drop_filter(&self.filter));
+            drained.end();
+            if let Err(e) = r {
+                tracing::warn!(
+                    "stream: cannot remove the copy-on-read filter: {}",
+                    e.full_message()
+                );
+            }
+            if self.read_only {
+                let drained = ctx.drain(std::slice::from_ref(&self.top)).await;
+                if let Err(e) = reopen_drained(ctx, &self.top, true).await {
+                    tracing::warn!(
+                        "stream: cannot reopen '{}' read-only: {}",
+                        self.top.name(),
+                        e.full_message()
+                    );
+                }
+                drained.end();
+            }
+        })
+    }
+}
