@@ -20,6 +20,7 @@ use crate::drivers::null::{NullDriver, NullOptions};
 use crate::drivers::qcow2::{self, Qcow2Options};
 use crate::drivers::raw::{self, RawOptions};
 use crate::image;
+use crate::job::commit::CommitArgs;
 use crate::job::stream::StreamArgs;
 use crate::job::{Job, JobManager};
 
@@ -294,6 +295,12 @@ impl Engine {
     /// Starts a `block-stream` job (on IoThread 0).
     pub fn stream(&self, args: StreamArgs) -> Result<Arc<Job>> {
         crate::job::stream::start(&self.jobs, self.iothreads[0].handle(), args)
+    }
+
+    /// Starts a `block-commit` job (on IoThread 0): intermediate, or active when top is the
+    /// device.
+    pub fn commit(&self, args: CommitArgs) -> Result<Arc<Job>> {
+        crate::job::commit::start(&self.jobs, self.iothreads[0].handle(), args)
     }
 
     /// The controller.

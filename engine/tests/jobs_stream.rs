@@ -4,45 +4,13 @@
 mod common;
 
 use common::{
-    assert_check_clean, make_chain, qemu_backing, qemu_content, qemu_tool, uniq, Scratch,
+    assert_check_clean, make_chain, open_chain, qemu_backing, qemu_content, qemu_tool, uniq,
 };
-use engine::drivers::file::FileOptions;
 use engine::job::stream::StreamArgs;
 use engine::job::{JobEventKind, JobStatus};
-use engine::{BackingSpec, ChildSpec, DriverSpec, Engine, EngineOptions, NodeSpec};
+use engine::{Engine, EngineOptions};
 
 const MIB: u64 = 1 << 20;
-
-/// Opens `imgs` as a chain of named nodes (each image's backing is the node before it); all
-/// but the top read-only, as QEMU opens backing files.
-fn open_chain(e: &Engine, imgs: &[Scratch], tag: &str) -> Vec<String> {
-    let names: Vec<String> = (0..imgs.len())
-        .map(|i| uniq(&format!("{tag}{i}")))
-        .collect();
-    for (i, img) in imgs.iter().enumerate() {
-        let read_only = i + 1 < imgs.len();
-        let backing = if i == 0 {
-            BackingSpec::None
-        } else {
-            BackingSpec::Node(ChildSpec::Name(names[i - 1].clone()))
-        };
-        e.add_node(NodeSpec {
-            node_name: Some(names[i].clone()),
-            read_only,
-            driver: DriverSpec::Qcow2 {
-                file: ChildSpec::Spec(Box::new(NodeSpec {
-                    node_name: None,
-                    read_only,
-                    driver: DriverSpec::File(FileOptions::new(img.path())),
-                })),
-                backing,
-                opts: Default::default(),
-            },
-        })
-        .unwrap();
-    }
-    names
-}
 
 fn engine() -> Engine {
     Engine::new(EngineOptions::default()).unwrap()

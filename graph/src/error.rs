@@ -13,6 +13,8 @@ pub enum ErrorKind {
     InvalidArgument,
     /// A node, file or job that does not exist.
     NotFound,
+    /// A device named by a command does not exist (QMP's `DeviceNotFound` class).
+    DeviceNotFound,
     /// Something already exists under that name.
     AlreadyExists,
     /// Another user (in this process or another one) holds a conflicting permission or lock.

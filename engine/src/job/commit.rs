@@ -1,1 +1,664 @@
-//! commit job (in progress).
+//! `block-commit`: copies the data of the images from `top` down to the image above `base`
+//! into `base`, then cuts them out of the chain.
+//!
+//! Argument checks and their order follow QEMU's `qmp_block_commit` (libvirt probes for the
+//! `DeviceNotFound` error, so the device is looked up first). When `top` is the device itself
+//! (the active layer) the job is an active commit ([`super::mirror`]); otherwise it is an
+//! intermediate commit, here.
+//!
+//! An intermediate commit puts a `commit` filter above `top` (it takes nothing of `top` and
+//! shares everything, so the job may write `base` while the overlay still reads through the
+//! chain), freezes the edges from the filter down to `base`, and reopens `base` read-write.
+//! It owns the device, the filter, `top` down to and including `base`; it checks that the
+//! overlay of `top` is free but does not own it, so a stream into the overlay's upper chain
+//! may use the filter as its base (iotest 030's overlapping_4 and _5).
+//!
+//! Completion runs as one graph change: `base` is flushed; every parent of the filter (the
+//! overlay, and whatever else was pointed at the filter meanwhile, such as a finished stream's
+//! top) is pointed at `base` in one drained transaction; then each of those images gets
+//! `base`'s file name in its header (reopened read-write for the write if it was read-only);
+//! then the nodes cut out are released.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use graph::{
+    BlockStatus, Driver, Edge, Error, ErrorKind, LocalBoxFuture, Node, Perm, Result, Role,
+    WriteFlags, ZeroFlags,
+};
+use iothreads::{BufResult, IoBuf};
+
+use super::chain::{
+    chain_contains, chain_until, filter_or_cow_edge, find_backing_image, find_base, find_overlay,
+    image_filename, image_format,
+};
+use super::{
+    job_io_error, ErrorAction, IoOp, Job, JobCx, JobDriver, JobManager, JobSetup, JobSpec, JobType,
+    OnError,
+};
+use crate::controller::ChangeCtx;
+use crate::drivers::cor;
+use crate::drivers::qcow2::Qcow2Driver;
+use crate::engine::{on_io, reopen_drained};
+
+/// How much one iteration copies (QEMU's COMMIT_BUFFER_SIZE).
+pub const COMMIT_BUFFER: u64 = 512 * 1024;
+
+/// The arguments of `block-commit`.
+#[derive(Debug, Clone)]
+pub struct CommitArgs {
+    /// Job id (default: `device`).
+    pub job_id: Option<String>,
+    /// The active node of the chain (node name).
+    pub device: String,
+    /// The lowest image merged, by node name (default: the device).
+    pub top_node: Option<String>,
+    /// The lowest image merged, by file name.
+    pub top: Option<String>,
+    /// The image merged into, by node name (default: the chain's last image).
+    pub base_node: Option<String>,
+    /// The image merged into, by file name.
+    pub base: Option<String>,
+    /// The backing file name written into the overlay's header (default: base's file name).
+    pub backing_file: Option<String>,
+    /// Speed limit (bytes per second, 0: none).
+    pub speed: i64,
+    /// Error policy.
+    pub on_error: OnError,
+    /// Name for the job's filter node (default: automatic).
+    pub filter_node_name: Option<String>,
+    /// Finalize without `job-finalize`.
+    pub auto_finalize: bool,
+    /// Dismiss without `job-dismiss`.
+    pub auto_dismiss: bool,
+}
+
+impl CommitArgs {
+    /// Commits everything below the active layer `device` into the chain's last image.
+    pub fn new(device: &str) -> CommitArgs {
+        CommitArgs {
+            job_id: None,
+            device: device.to_string(),
+            top_node: None,
+            top: None,
+            base_node: None,
+            base: None,
+            backing_file: None,
+            speed: 0,
+            on_error: OnError::Report,
+            filter_node_name: None,
+            auto_finalize: true,
+            auto_dismiss: true,
+        }
+    }
+}
+
+fn invalid(msg: impl Into<String>) -> Error {
+    Error::new(ErrorKind::InvalidArgument, msg)
+}
+
+/// Starts a commit job (intermediate or active) on `io`.
+pub(crate) fn start(
+    mgr: &JobManager,
+    io: iothreads::IoThreadHandle,
+    args: CommitArgs,
+) -> Result<Arc<Job>> {
+    let spec = JobSpec {
+        id: args.job_id.clone().unwrap_or_else(|| args.device.clone()),
+        device: args.device.clone(),
+        speed: args.speed,
+        on_error: args.on_error,
+        auto_finalize: args.auto_finalize,
+        auto_dismiss: args.auto_dismiss,
+    };
+    mgr.create(spec, io, move |ctx, mgr| async move {
+        setup(&ctx, &mgr, args).await
+    })
+}
+
+/// The nodes of a commit, resolved and checked as QEMU's `qmp_block_commit` does.
+pub(crate) struct Resolved {
+    pub device: Arc<Node>,
+    pub top: Arc<Node>,
+    pub base: Arc<Node>,
+}
+
+fn resolve(mgr: &JobManager, args: &CommitArgs) -> Result<Resolved> {
+    let bs = graph::find_node(&args.device).ok_or_else(|| {
+        Error::new(
+            ErrorKind::DeviceNotFound,
+            format!("Device '{}' not found", args.device),
+        )
+    })?;
+    mgr.check_free(&bs)?;
+    let top = match (&args.top_node, &args.top) {
+        (Some(_), Some(_)) => return Err(invalid("'top-node' and 'top' are mutually exclusive")),
+        (Some(name), None) => {
+            let t = crate::engine::lookup(name)?;
+            if !chain_contains(&bs, &t) {
+                return Err(invalid(format!(
+                    "'{name}' is not in this backing file chain"
+                )));
+            }
+            Some(t)
+        }
+        (None, Some(file)) => {
+            if image_filename(&bs).as_deref() == Some(file.as_str()) {
+                Some(Arc::clone(&bs))
+            } else {
+                find_backing_image(&bs, file)
+            }
+        }
+        (None, None) => Some(Arc::clone(&bs)),
+    };
+    let top = top.ok_or_else(|| {
+        invalid(format!(
+            "Top image file {} not found",
+            args.top.as_deref().unwrap_or("NULL")
+        ))
+    })?;
+    let base = match (&args.base_node, &args.base) {
+        (Some(_), Some(_)) => return Err(invalid("'base-node' and 'base' are mutually exclusive")),
+        (Some(name), None) => {
+            let b = crate::engine::lookup(name)?;
+            if !chain_contains(&top, &b) {
+                return Err(invalid(format!(
+                    "'{name}' is not in this backing file chain"
+                )));
+            }
+            b
+        }
+        (None, Some(file)) => find_backing_image(&top, file)
+            .ok_or_else(|| invalid(format!("Can't find '{file}' in the backing chain")))?,
+        (None, None) => find_base(&top).ok_or_else(|| invalid("There is no backimg image"))?,
+    };
+    let end = base.filter_or_cow_child();
+    for n in chain_until(Some(Arc::clone(&top)), end.as_ref()) {
+        mgr.check_free(&n)?;
+    }
+    if Arc::ptr_eq(&top, &base) {
+        return Err(invalid("cannot commit an image into itself"));
+    }
+    Ok(Resolved {
+        device: bs,
+        top,
+        base,
+    })
+}
+
+async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: CommitArgs) -> Result<JobSetup> {
+    let r = resolve(mgr, &args)?;
+    if Arc::ptr_eq(&r.top, &r.device) {
+        if args.backing_file.is_some() {
+            return Err(invalid(
+                "'backing-file' specified, but 'top' is the active layer",
+            ));
+        }
+        return super::mirror::setup_active_commit(ctx, r, &args).await;
+    }
+    let overlay = find_overlay(&r.device, &r.top)
+        .ok_or_else(|| invalid("Could not find overlay image for the top image"))?;
+    mgr.check_free(&overlay)?;
+    let (top, base) = (r.top, r.base);
+    if Arc::ptr_eq(&top.skip_filters(), &base.skip_filters()) {
+        return Err(invalid(
+            "Invalid files for merge: top and base are the same",
+        ));
+    }
+    let base_overlay = find_overlay(&top, &base).ok_or_else(|| {
+        invalid(format!(
+            "'{}' is not in the backing chain of '{}'",
+            base.name(),
+            top.name()
+        ))
+    })?;
+    let base_read_only = base.is_read_only();
+    let filter = Node::new(
+        args.filter_node_name.as_deref(),
+        Box::new(CommitTopDriver),
+        false,
+    )?;
+    let job_id = args.job_id.clone().unwrap_or_else(|| args.device.clone());
+    let drained = ctx.drain(&[Arc::clone(&top), Arc::clone(&base)]).await;
+    let frozen = std::cell::RefCell::new(Vec::new());
+    let res = ctx.transaction(|tx| {
+        if base_read_only {
+            crate::engine::reopen_image(tx, &base, false)?;
+        }
+        let writer = attach_writer(tx, &base, &job_id, Perm::NONE)?;
+        tx.attach_child(&filter, &top, Role::Filtered)?;
+        tx.insert_filter(&filter, &top)?;
+        // Freeze from the filter down to base (the edge into base included).
+        let mut cur = Arc::clone(&filter);
+        while !Arc::ptr_eq(&cur, &base) {
+            let e = filter_or_cow_edge(&cur).expect("base is below top");
+            tx.freeze(&e)?;
+            let next = e.child();
+            frozen.borrow_mut().push(e);
+            cur = next;
+        }
+        Ok(writer)
+    });
+    drained.end();
+    let writer = res?;
+    let frozen = frozen.into_inner();
+
+    // Owned: the device and the filter (nothing taken), the nodes cut out (shared: writes,
+    // since base below them changes; no consistent reads for others), and base, which the
+    // job writes.
+    let mut nodes = vec![
+        (Arc::clone(&r.device), Perm::NONE, Perm::ALL),
+        (Arc::clone(&filter), Perm::NONE, Perm::ALL),
+    ];
+    for n in chain_until(Some(Arc::clone(&top)), Some(&base)) {
+        nodes.push((n, Perm::NONE, Perm::WRITE | Perm::WRITE_UNCHANGED));
+    }
+    nodes.push((Arc::clone(&base), Perm::NONE, Perm::ALL));
+    let driver = CommitJob {
+        writer: Some(writer),
+        top,
+        base,
+        base_overlay,
+        filter,
+        backing_file: args.backing_file,
+        base_read_only,
+        frozen,
+        filter_dropped: false,
+    };
+    Ok(JobSetup {
+        driver: Box::new(driver),
+        nodes,
+    })
+}
+
+struct CommitJob {
+    top: Arc<Node>,
+    base: Arc<Node>,
+    /// The lowest image copied from (the image right above base).
+    base_overlay: Arc<Node>,
+    filter: Arc<Node>,
+    backing_file: Option<String>,
+    base_read_only: bool,
+    frozen: Vec<Arc<Edge>>,
+    /// Whether the filter left the graph (replaced by base, or dropped on abort).
+    filter_dropped: bool,
+    /// The job's write access to base (released before base takes the overlay's place).
+    writer: Option<WriterEdge>,
+}
+
+/// The job's write access to the image it copies into, as its own user edge (QEMU's
+/// `s->base` backend), so it can be given up before the final graph change.
+struct Writer(String);
+
+impl graph::User for Writer {
+    fn describe(&self) -> String {
+        format!("block job '{}'", self.0)
+    }
+}
+
+/// A job's write access: the edge, and the user it belongs to (edges hold users weakly).
+pub(crate) struct WriterEdge {
+    edge: Arc<Edge>,
+    _user: Arc<dyn graph::User>,
+}
+
+/// Takes write access to `target` for job `id` in `tx`: consistent reads, writes, resizes;
+/// others may read and write-unchanged (`shared`: more, where the job must let a writer in).
+pub(crate) fn attach_writer(
+    tx: &mut graph::Transaction<'_>,
+    target: &Arc<Node>,
+    id: &str,
+    shared: Perm,
+) -> Result<WriterEdge> {
+    let user: Arc<dyn graph::User> = Arc::new(Writer(id.to_string()));
+    let edge = tx.attach_user(
+        &user,
+        target,
+        Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE,
+        Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | shared,
+    )?;
+    Ok(WriterEdge { edge, _user: user })
+}
+
+/// Gives up write access taken by [`attach_writer`].
+pub(crate) fn release_writer(ctx: &ChangeCtx, writer: &mut Option<WriterEdge>) {
+    if let Some(w) = writer.take() {
+        let _ = ctx.transaction(|tx| tx.detach(&w.edge));
+    }
+}
+
+/// Thaws `edges` (emptying the list).
+pub(crate) fn thaw(ctx: &ChangeCtx, edges: &mut Vec<Arc<Edge>>) {
+    let edges = std::mem::take(edges);
+    if !edges.is_empty() {
+        let _ = ctx.transaction(|tx| {
+            for e in &edges {
+                tx.set_frozen(e, false);
+            }
+            Ok(())
+        });
+    }
+}
+
+/// Copies the extents allocated from `top` down to `base_overlay` into `base`, as QEMU's
+/// `commit_run` does (an error pauses, retries or fails the job per `on-error`).
+pub(crate) async fn copy_down(
+    cx: &JobCx,
+    top: &Arc<Node>,
+    base_overlay: &Arc<Node>,
+    base: &Arc<Node>,
+    len: u64,
+) -> Result<()> {
+    let mut offset = 0;
+    let mut copied = false;
+    while offset < len {
+        if copied {
+            cx.rate_limit_wait().await;
+        } else {
+            cx.pause_point().await;
+        }
+        if cx.is_cancelled() {
+            return Ok(());
+        }
+        let want = COMMIT_BUFFER.min(len - offset);
+        let r = async {
+            let (alloc, n) = cor::is_allocated_above(top, Some(base_overlay), offset, want)
+                .await
+                .map_err(|e| (IoOp::Read, e))?;
+            let n = n.clamp(1, want);
+            if alloc {
+                let (r, buf) = top.read(offset, IoBuf::new(n as usize)).await;
+                r.map_err(|e| (IoOp::Read, e))?;
+                let (r, _) = base.write(offset, buf, WriteFlags::default()).await;
+                r.map_err(|e| (IoOp::Write, e))?;
+            }
+            Ok::<_, (IoOp, std::io::Error)>((n, alloc))
+        }
+        .await;
+        match r {
+            Ok((n, copy)) => {
+                cx.progress(n);
+                if copy {
+                    cx.rate_account(n);
+                }
+                copied = copy;
+                offset += n;
+            }
+            Err((op, e)) => match cx.on_io_error(op, &e).await {
+                // Commit retries the piece (skipping it would lose data once top is cut out).
+                ErrorAction::Stop | ErrorAction::Ignore => copied = false,
+                ErrorAction::Report => return Err(job_io_error(&e)),
+            },
+        }
+    }
+    Ok(())
+}
+
+/// Points every parent of `old` at `base` in one drained transaction, then writes `base`'s
+/// name into the header of each image that now has it as backing file. Returns the first
+/// header error (the graph stays changed).
+pub(crate) async fn replace_with_base(
+    ctx: &ChangeCtx,
+    old: &Arc<Node>,
+    base: &Arc<Node>,
+    backing_file: Option<&str>,
+    drop_edge_of_old: bool,
+) -> Result<()> {
+    let drained = ctx.drain(&[Arc::clone(old), Arc::clone(base)]).await;
+    let cow_parents: Vec<Arc<Node>> = old
+        .parents()
+        .iter()
+        .filter(|e| e.role() == Role::Backing)
+        .filter_map(|e| e.parent().node())
+        .collect();
+    let r = ctx.transaction(|tx| {
+        tx.replace_node(old, base, None)?;
+        if drop_edge_of_old {
+            for e in old.children() {
+                tx.detach(&e)?;
+            }
+        }
+        Ok(())
+    });
+    if let Err(e) = r {
+        drained.end();
+        return Err(e);
+    }
+    let name = backing_file
+        .map(str::to_string)
+        .or_else(|| image_filename(base));
+    let format = image_format(base).to_string();
+    let mut first_err = None;
+    for p in cow_parents {
+        if let Err(e) = write_backing_name(ctx, &p, name.as_deref(), &format).await {
+            first_err.get_or_insert(e);
+        }
+    }
+    drained.end();
+    match first_err {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Writes a backing file name into `image`'s header (a drained qcow2 node), reopening it
+/// read-write for the write if it is read-only.
+async fn write_backing_name(
+    ctx: &ChangeCtx,
+    image: &Arc<Node>,
+    name: Option<&str>,
+    format: &str,
+) -> Result<()> {
+    if image.driver_as::<Qcow2Driver>().is_none() {
+        return Ok(());
+    }
+    let was_ro = image.is_read_only();
+    if was_ro {
+        reopen_drained(ctx, image, false).await?;
+    }
+    let (n, f, i) = (
+        name.map(str::to_string),
+        format.to_string(),
+        Arc::clone(image),
+    );
+    let r = on_io(ctx, move || async move {
+        let d = i.driver_as::<Qcow2Driver>().expect("qcow2");
+        d.change_backing_file(&i, n.as_deref(), Some(&f)).await
+    })
+    .await;
+    if was_ro {
+        if let Err(e) = reopen_drained(ctx, image, true).await {
+            tracing::warn!(
+                "cannot reopen '{}' read-only: {}",
+                image.name(),
+                e.full_message()
+            );
+        }
+    }
+    r
+}
+
+impl JobDriver for CommitJob {
+    fn kind(&self) -> JobType {
+        JobType::Commit
+    }
+
+    fn run<'a>(&'a mut self, cx: &'a JobCx) -> Pin<Box<dyn Future<Output = Result<()>> + 'a>> {
+        Box::pin(async move {
+            let len = self.top.len();
+            cx.set_total(len);
+            if self.base.len() < len {
+                return Err(Error::new(
+                    ErrorKind::Unsupported,
+                    format!(
+                        "base '{}' is smaller than top '{}'; grow it first",
+                        self.base.name(),
+                        self.top.name()
+                    ),
+                ));
+            }
+            copy_down(cx, &self.top, &self.base_overlay, &self.base, len).await
+        })
+    }
+
+    fn prepare<'a>(
+        &'a mut self,
+        ctx: &'a ChangeCtx,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + 'a>> {
+        Box::pin(async move {
+            let base = Arc::clone(&self.base);
+            on_io(ctx, move || async move {
+                base.flush()
+                    .await
+                    .map_err(|e| Error::io(format!("Failed to flush node '{}'", base.name()), e))
+            })
+            .await?;
+            thaw(ctx, &mut self.frozen);
+            release_writer(ctx, &mut self.writer);
+            self.filter_dropped = true;
+            replace_with_base(
+                ctx,
+                &self.filter,
+                &self.base,
+                self.backing_file.as_deref(),
+                true,
+            )
+            .await
+        })
+    }
+
+    fn abort<'a>(&'a mut self, ctx: &'a ChangeCtx) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
+        Box::pin(async move {
+            thaw(ctx, &mut self.frozen);
+            if !self.filter_dropped {
+                self.filter_dropped = true;
+                let drained = ctx.drain(std::slice::from_ref(&self.filter)).await;
+                if let Err(e) = ctx.transaction(|tx| tx.drop_filter(&self.filter)) {
+                    tracing::warn!("commit: cannot remove its filter: {}", e.full_message());
+                }
+                drained.end();
+            }
+        })
+    }
+
+    fn clean<'a>(&'a mut self, ctx: &'a ChangeCtx) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
+        Box::pin(async move {
+            thaw(ctx, &mut self.frozen);
+            release_writer(ctx, &mut self.writer);
+            if self.base_read_only {
+                let drained = ctx.drain(std::slice::from_ref(&self.base)).await;
+                if let Err(e) = reopen_drained(ctx, &self.base, true).await {
+                    tracing::warn!(
+                        "commit: cannot reopen '{}' read-only: {}",
+                        self.base.name(),
+                        e.full_message()
+                    );
+                }
+                drained.end();
+            }
+        })
+    }
+}
+
+/// The `commit` filter above top: passes everything to top, takes no permission on it and
+/// shares all, so the job may write base below while the overlay reads through.
+pub(crate) struct CommitTopDriver;
+
+fn no_child() -> std::io::Error {
+    std::io::Error::new(std::io::ErrorKind::NotFound, "commit filter has no child")
+}
+
+impl Driver for CommitTopDriver {
+    fn driver_name(&self) -> &'static str {
+        "commit"
+    }
+
+    fn length(&self, node: &Node) -> u64 {
+        node.filtered().map_or(0, |c| c.len())
+    }
+
+    fn is_filter(&self) -> bool {
+        true
+    }
+
+    fn child_perms(&self, _role: Role, _perm: Perm, _shared: Perm, _ro: bool) -> (Perm, Perm) {
+        (Perm::NONE, Perm::ALL)
+    }
+
+    fn read<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        buf: IoBuf,
+    ) -> LocalBoxFuture<'a, BufResult<()>> {
+        Box::pin(async move {
+            match node.filtered() {
+                Some(c) => c.read(offset, buf).await,
+                None => (Err(no_child()), buf),
+            }
+        })
+    }
+
+    fn write<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> LocalBoxFuture<'a, BufResult<()>> {
+        Box::pin(async move {
+            match node.filtered() {
+                Some(c) => c.write(offset, buf, flags).await,
+                None => (Err(no_child()), buf),
+            }
+        })
+    }
+
+    fn write_zeroes<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+        flags: ZeroFlags,
+    ) -> LocalBoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move {
+            node.filtered()
+                .ok_or_else(no_child)?
+                .write_zeroes(offset, len, flags)
+                .await
+        })
+    }
+
+    fn discard<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move {
+            node.filtered()
+                .ok_or_else(no_child)?
+                .discard(offset, len)
+                .await
+        })
+    }
+
+    fn flush<'a>(&'a self, node: &'a Node) -> LocalBoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move { node.filtered().ok_or_else(no_child)?.flush().await })
+    }
+
+    fn block_status<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'a, std::io::Result<(BlockStatus, u64)>> {
+        Box::pin(async move {
+            node.filtered()
+                .ok_or_else(no_child)?
+                .block_status(offset, len)
+                .await
+        })
+    }
+}

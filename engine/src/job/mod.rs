@@ -798,6 +798,10 @@ impl Job {
     }
 
     async fn do_finalize(self: &Arc<Self>, ctx: &ChangeCtx) {
+        // The job's hold on its nodes goes first (QEMU's block_job_remove_all_bdrv): the
+        // final graph change must not conflict with the job's own shared-permission limits.
+        // Nothing else can change the graph before this change ends.
+        self.release_edges();
         let mut driver = self.driver.lock().take();
         let failed = self.state.lock().error.is_some();
         let mut ok = !failed;
@@ -818,7 +822,6 @@ impl Job {
             d.clean(ctx).await;
         }
         drop(driver);
-        self.release_edges();
         let mut st = self.state.lock();
         let (len, offset, speed) = (st.total.max(st.current), st.current, st.speed);
         if st.force_cancel {
@@ -920,6 +923,12 @@ impl JobCx {
     /// Adds to the total amount of work.
     pub fn add_total(&self, n: u64) {
         self.job.state.lock().total += n;
+    }
+
+    /// Sets the total to the work done plus `remaining` (for jobs whose work grows).
+    pub fn set_remaining(&self, remaining: u64) {
+        let mut st = self.job.state.lock();
+        st.total = st.current + remaining;
     }
 
     /// Records work done.

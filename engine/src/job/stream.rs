@@ -248,6 +248,7 @@ async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: StreamArgs) -> Result<Jo
         backing_file: args.backing_file,
         read_only,
         frozen,
+        filter_dropped: false,
     };
     Ok(JobSetup {
         driver: Box::new(driver),
@@ -269,9 +270,26 @@ struct StreamJob {
     read_only: bool,
     /// Edges frozen while the job runs (emptied when thawed).
     frozen: Vec<Arc<Edge>>,
+    filter_dropped: bool,
 }
 
 impl StreamJob {
+    async fn drop_filter(&mut self, ctx: &ChangeCtx) {
+        if self.filter_dropped {
+            return;
+        }
+        self.filter_dropped = true;
+        let drained = ctx.drain(std::slice::from_ref(&self.filter)).await;
+        let r = ctx.transaction(|tx| tx.drop_filter(&self.filter));
+        drained.end();
+        if let Err(e) = r {
+            tracing::warn!(
+                "stream: cannot remove the copy-on-read filter: {}",
+                e.full_message()
+            );
+        }
+    }
+
     fn thaw(&mut self, ctx: &ChangeCtx) {
         let edges = std::mem::take(&mut self.frozen);
         if !edges.is_empty() {
@@ -381,10 +399,20 @@ impl JobDriver for StreamJob {
     ) -> Pin<Box<dyn Future<Output = Result<()>> + 'a>> {
         Box::pin(async move {
             self.thaw(ctx);
+            // The order DESIGN.md gives: drop the filter, flush top, change the edges in one
+            // drained transaction, then write the header.
+            self.drop_filter(ctx).await;
             let top = self.top.skip_filters();
             if top.filter_or_cow_child().is_none() {
                 return Ok(());
             }
+            let t = Arc::clone(&top);
+            on_io(ctx, move || async move {
+                t.flush()
+                    .await
+                    .map_err(|e| Error::io(format!("Failed to flush node '{}'", t.name()), e))
+            })
+            .await?;
             // The base as it is now: another job may have put a filter above it or taken one
             // away since this job started. No other change runs until this one ends.
             let base = self.above_base.filter_or_cow_child();
@@ -423,15 +451,7 @@ impl JobDriver for StreamJob {
     fn clean<'a>(&'a mut self, ctx: &'a ChangeCtx) -> Pin<Box<dyn Future<Output = ()> + 'a>> {
         Box::pin(async move {
             self.thaw(ctx);
-            let drained = ctx.drain(std::slice::from_ref(&self.filter)).await;
-            let r = ctx.transaction(|tx| tx.drop_filter(&self.filter));
-            drained.end();
-            if let Err(e) = r {
-                tracing::warn!(
-                    "stream: cannot remove the copy-on-read filter: {}",
-                    e.full_message()
-                );
-            }
+            self.drop_filter(ctx).await;
             if self.read_only {
                 let drained = ctx.drain(std::slice::from_ref(&self.top)).await;
                 if let Err(e) = reopen_drained(ctx, &self.top, true).await {

@@ -151,3 +151,36 @@ pub fn make_chain(dir: &str, tag: &str, n: usize, size: u64) -> Vec<Scratch> {
     }
     imgs
 }
+
+/// Opens `imgs` as a chain of named nodes (each image's backing is the node before it); all
+/// but the top read-only, as QEMU opens backing files.
+pub fn open_chain(e: &engine::Engine, imgs: &[Scratch], tag: &str) -> Vec<String> {
+    let names: Vec<String> = (0..imgs.len())
+        .map(|i| uniq(&format!("{tag}{i}")))
+        .collect();
+    for (i, img) in imgs.iter().enumerate() {
+        let read_only = i + 1 < imgs.len();
+        let backing = if i == 0 {
+            engine::BackingSpec::None
+        } else {
+            engine::BackingSpec::Node(engine::ChildSpec::Name(names[i - 1].clone()))
+        };
+        e.add_node(engine::NodeSpec {
+            node_name: Some(names[i].clone()),
+            read_only,
+            driver: engine::DriverSpec::Qcow2 {
+                file: engine::ChildSpec::Spec(Box::new(engine::NodeSpec {
+                    node_name: None,
+                    read_only,
+                    driver: engine::DriverSpec::File(engine::drivers::file::FileOptions::new(
+                        img.path(),
+                    )),
+                })),
+                backing,
+                opts: Default::default(),
+            },
+        })
+        .unwrap();
+    }
+    names
+}
