@@ -11,5 +11,5 @@ pub mod job;
 pub use backend::{Backend, BackendOptions};
 pub use controller::{ChangeCtx, Controller, ControllerHandle};
 pub use engine::{BackingSpec, ChildSpec, DriverSpec, Engine, EngineOptions, NodeSpec};
-pub use graph::{Error, ErrorKind, Node, Perm, WriteFlags, ZeroFlags};
+pub use graph::{Error, ErrorKind, Node, Perm, Result, WriteFlags, ZeroFlags};
 pub use iothreads::{IoBuf, IoThread, IoThreadHandle, IoThreadOptions};

@@ -221,4 +221,18 @@ impl Driver for BlkdebugDriver {
             node.filtered().ok_or_else(no_child)?.flush().await
         })
     }
+
+    fn block_status<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        len: u64,
+    ) -> LocalBoxFuture<'a, io::Result<(graph::BlockStatus, u64)>> {
+        Box::pin(async move {
+            node.filtered()
+                .ok_or_else(no_child)?
+                .block_status(offset, len)
+                .await
+        })
+    }
 }

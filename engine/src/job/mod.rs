@@ -480,6 +480,9 @@ pub struct Job {
     finalizing: AtomicBool,
     /// Signalled on every change of state (for [`Job::wait`]).
     changed: Condvar,
+    /// A pause between the end of the copy loop and the queueing of the completion (a test
+    /// aid: it lets completions of concurrent jobs run in every order).
+    completion_delay_us: std::sync::atomic::AtomicU64,
 }
 
 impl fmt::Debug for Job {
@@ -558,11 +561,13 @@ impl Job {
         self.changed.notify_all();
     }
 
-    /// Blocks until the job has concluded (or is gone), and returns its last state. Not for
-    /// IoThreads or the controller.
+    /// Blocks until the job has concluded, or with `auto_dismiss` until it is gone from the
+    /// manager, and returns its last state. Not for IoThreads or the controller.
     pub fn wait(&self) -> JobInfo {
         let mut st = self.state.lock();
-        while !matches!(st.status, JobStatus::Concluded | JobStatus::Null) {
+        while !(st.status == JobStatus::Null
+            || (st.status == JobStatus::Concluded && !self.auto_dismiss))
+        {
             self.changed.wait(&mut st);
         }
         drop(st);
@@ -701,13 +706,10 @@ impl Job {
 
     /// Removes a concluded job.
     pub fn dismiss(self: &Arc<Self>) -> Result<()> {
-        let mut st = self.state.lock();
+        let st = self.state.lock();
         self.apply_verb(&st, JobVerb::Dismiss)?;
-        self.transition(&mut st, JobStatus::Null);
         drop(st);
-        if let Some(m) = self.manager.upgrade() {
-            m.jobs.lock().remove(&self.id);
-        }
+        self.remove_and_nullify();
         Ok(())
     }
 
@@ -740,7 +742,6 @@ impl Job {
             }
         }
         self.went_quiet();
-        self.queue_completion();
     }
 
     /// Queues the completion on the controller.
@@ -844,12 +845,22 @@ impl Job {
             });
         }
         self.transition(&mut st, JobStatus::Concluded);
+        drop(st);
         if self.auto_dismiss {
+            self.remove_and_nullify();
+        }
+    }
+
+    /// Leaves the manager's list, then enters NULL: whoever sees NULL sees the job gone.
+    /// The state lock is not held while the list is locked (the list is locked first
+    /// elsewhere).
+    fn remove_and_nullify(&self) {
+        if let Some(m) = self.manager.upgrade() {
+            m.jobs.lock().remove(&self.id);
+        }
+        let mut st = self.state.lock();
+        if st.status != JobStatus::Null {
             self.transition(&mut st, JobStatus::Null);
-            drop(st);
-            if let Some(m) = self.manager.upgrade() {
-                m.jobs.lock().remove(&self.id);
-            }
         }
     }
 }
@@ -1209,6 +1220,14 @@ impl JobManager {
         }
     }
 
+    /// Delays job `id`'s completion by `us` microseconds after its copy loop ends (a test
+    /// aid for ordering concurrent completions; the job is quiet meanwhile).
+    pub fn set_completion_delay(&self, id: &str, us: u64) {
+        if let Ok(j) = self.get(id) {
+            j.completion_delay_us.store(us, Ordering::Release);
+        }
+    }
+
     /// Force-cancels every job and waits until each has concluded (the engine's shutdown).
     pub fn cancel_all_sync(&self) {
         for j in self.list() {
@@ -1293,6 +1312,7 @@ impl JobManager {
                 manager: Arc::downgrade(&inner),
                 finalizing: AtomicBool::new(false),
                 changed: Condvar::new(),
+                completion_delay_us: std::sync::atomic::AtomicU64::new(0),
             });
             // The job's own edges: drains of these nodes reach it.
             let user: Arc<dyn User> = Arc::new(JobUser(Arc::downgrade(&job)));
@@ -1340,6 +1360,11 @@ impl JobManager {
             };
             *j.driver.lock() = driver;
             j.on_run_end(r);
+            let delay = j.completion_delay_us.load(Ordering::Acquire);
+            if delay > 0 {
+                let _ = iothreads::op::sleep(Duration::from_micros(delay)).await;
+            }
+            j.queue_completion();
         });
         drop(started);
         Ok(job)

@@ -105,7 +105,7 @@ pub fn assert_check_clean(path: &str) {
 /// The guest content of `path` (any format, with its backing chain) as QEMU reads it.
 pub fn qemu_content(path: &str) -> Vec<u8> {
     let raw = Scratch::new("content");
-    run_tool(&["qemu-img", "convert", "-O", "raw", path, raw.path()]);
+    run_tool(&["qemu-img", "convert", "-U", "-O", "raw", path, raw.path()]);
     std::fs::read(&raw.0).unwrap()
 }
 
@@ -158,29 +158,46 @@ pub fn open_chain(e: &engine::Engine, imgs: &[Scratch], tag: &str) -> Vec<String
     let names: Vec<String> = (0..imgs.len())
         .map(|i| uniq(&format!("{tag}{i}")))
         .collect();
+    open_chain_named(e, imgs, &names, false);
+    names
+}
+
+/// Opens `imgs` as a chain with node names `names`; image 0 is raw if `raw_base`.
+pub fn open_chain_named(e: &engine::Engine, imgs: &[Scratch], names: &[String], raw_base: bool) {
+    use engine::{BackingSpec, ChildSpec, DriverSpec, NodeSpec};
     for (i, img) in imgs.iter().enumerate() {
         let read_only = i + 1 < imgs.len();
-        let backing = if i == 0 {
-            engine::BackingSpec::None
+        let file = ChildSpec::Spec(Box::new(NodeSpec {
+            node_name: None,
+            read_only,
+            driver: DriverSpec::File(engine::drivers::file::FileOptions::new(img.path())),
+        }));
+        let driver = if i == 0 && raw_base {
+            DriverSpec::Raw {
+                file,
+                opts: Default::default(),
+            }
         } else {
-            engine::BackingSpec::Node(engine::ChildSpec::Name(names[i - 1].clone()))
+            DriverSpec::Qcow2 {
+                file,
+                backing: if i == 0 {
+                    BackingSpec::None
+                } else {
+                    BackingSpec::Node(ChildSpec::Name(names[i - 1].clone()))
+                },
+                opts: Default::default(),
+            }
         };
-        e.add_node(engine::NodeSpec {
+        e.add_node(NodeSpec {
             node_name: Some(names[i].clone()),
             read_only,
-            driver: engine::DriverSpec::Qcow2 {
-                file: engine::ChildSpec::Spec(Box::new(engine::NodeSpec {
-                    node_name: None,
-                    read_only,
-                    driver: engine::DriverSpec::File(engine::drivers::file::FileOptions::new(
-                        img.path(),
-                    )),
-                })),
-                backing,
-                opts: Default::default(),
-            },
+            driver,
         })
         .unwrap();
     }
-    names
+}
+
+/// `qemu-io -c map` of an image (what iotest 030 compares).
+pub fn qemu_io_map(path: &str) -> String {
+    run_tool(&["qemu-io", "-f", "qcow2", "-r", "-U", "-c", "map", path])
 }
