@@ -95,6 +95,20 @@ pub trait Driver: Any + Send + Sync + 'static {
     /// Makes every completed write durable.
     fn flush<'a>(&'a self, node: &'a Node) -> LocalBoxFuture<'a, io::Result<()>>;
 
+    /// Grows the node to `len` bytes (QEMU's `bdrv_co_truncate` for growth with
+    /// `preallocation=off`): afterwards [`Driver::length`] reports `len`, and the new range
+    /// reads as zeroes. Shrinking is refused with an `EINVAL` error; `len` equal to the
+    /// current length succeeds without change. The default refuses with an error of kind
+    /// [`io::ErrorKind::Unsupported`] ("operation not supported by this driver").
+    fn truncate<'a>(&'a self, _node: &'a Node, _len: u64) -> LocalBoxFuture<'a, io::Result<()>> {
+        Box::pin(async {
+            Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                "operation not supported by this driver",
+            ))
+        })
+    }
+
     /// The status of the range starting at `offset` (at most `len` bytes): what it is, and
     /// for how many bytes from `offset` that holds (at least 1 when `len` > 0). Drivers
     /// without allocation information report data for the whole range.

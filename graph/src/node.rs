@@ -504,6 +504,16 @@ impl Node {
         r
     }
 
+    /// Grows the node to `len` bytes (see [`Driver::truncate`]): refused on a read-only node
+    /// as writes are, counted in flight like any request, and run on an IoThread. Afterwards
+    /// [`Node::len`] reports `len`. Shrinking is refused (`EINVAL`); the same length is a
+    /// no-op.
+    pub async fn truncate(&self, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        let _g = self.enter()?;
+        self.driver().truncate(self, len).await
+    }
+
     /// The status of the range at `offset`: what it is and for how many bytes (see
     /// [`Driver::block_status`]). Past the end of the node it is unallocated.
     pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {

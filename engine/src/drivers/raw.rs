@@ -142,6 +142,26 @@ impl Driver for RawDriver {
         })
     }
 
+    /// Grows the file child to `offset + len`, as QEMU's raw driver does; a raw node with a
+    /// fixed `size` cannot be resized.
+    fn truncate<'a>(&'a self, node: &'a Node, len: u64) -> LocalBoxFuture<'a, io::Result<()>> {
+        Box::pin(async move {
+            if self.opts.size.is_some() {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "Cannot resize fixed-size raw disks",
+                ));
+            }
+            let file = node.file().ok_or_else(no_file)?;
+            let end = self
+                .opts
+                .offset
+                .checked_add(len)
+                .ok_or_else(|| io::Error::from_raw_os_error(libc::EFBIG))?;
+            file.truncate(end).await
+        })
+    }
+
     fn flush<'a>(&'a self, node: &'a Node) -> LocalBoxFuture<'a, io::Result<()>> {
         Box::pin(async move { node.file().ok_or_else(no_file)?.flush().await })
     }

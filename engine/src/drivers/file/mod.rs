@@ -18,6 +18,8 @@
 //!   `RWF_NOWAIT` (NFS, FUSE), stays on the ring, since a plain syscall there could block.
 //! - A write past the end grows the file (as a format node writing its file needs), and reads
 //!   past the end return zeroes.
+//! - Truncate grows a regular file with `ftruncate` (sparse, as QEMU's `preallocation=off`);
+//!   shrinking and growing a block device are refused.
 
 pub mod gate;
 pub mod lock;
@@ -602,6 +604,58 @@ impl FileDriver {
         Ok(())
     }
 
+    /// Grows the file to `len` bytes with `ftruncate` (a sparse extension: the new range
+    /// reads as zeroes, nothing is allocated), run inline on the IoThread as the padded write
+    /// does: it only changes the inode's size. On `O_DIRECT` files the write gate is held
+    /// closed so no write is in flight meanwhile. A write that already took the file past
+    /// `len` is never cut back: the file's real size is checked first.
+    async fn do_truncate(&self, len: u64) -> io::Result<()> {
+        let cur = self.len.load(Ordering::Acquire);
+        if len == cur {
+            return Ok(());
+        }
+        if len < cur {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!(
+                    "{}: cannot shrink from {cur} to {len} bytes (only growing is supported)",
+                    self.path
+                ),
+            ));
+        }
+        if self.read_only {
+            return Err(io::Error::from_raw_os_error(libc::EBADF));
+        }
+        if self.is_blockdev {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("{}: cannot grow device files", self.path),
+            ));
+        }
+        let Ok(new_len) = i64::try_from(len) else {
+            return Err(io::Error::from_raw_os_error(libc::EFBIG));
+        };
+        let _excl = match &self.gate {
+            Some(g) => Some(g.close().await),
+            None => None,
+        };
+        let fd = self.raw_fd();
+        // SAFETY: an all-zero stat is a valid out-parameter for fstat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: fstat fills `st`.
+        if unsafe { libc::fstat(fd, &mut st) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if st.st_size < new_len {
+            // SAFETY: ftruncate takes only integers.
+            if unsafe { libc::ftruncate(fd, new_len) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+        }
+        self.grow_to(len);
+        Ok(())
+    }
+
     async fn do_discard(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.discard == Discard::Ignore {
             return Ok(());
@@ -699,6 +753,10 @@ impl Driver for FileDriver {
         len: u64,
     ) -> LocalBoxFuture<'a, io::Result<()>> {
         Box::pin(self.do_discard(offset, len))
+    }
+
+    fn truncate<'a>(&'a self, _: &'a Node, len: u64) -> LocalBoxFuture<'a, io::Result<()>> {
+        Box::pin(self.do_truncate(len))
     }
 
     fn flush<'a>(&'a self, _: &'a Node) -> LocalBoxFuture<'a, io::Result<()>> {

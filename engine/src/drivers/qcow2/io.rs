@@ -7,13 +7,22 @@
 //! place into what the first allocated.
 
 use std::io;
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use graph::{BlockStatus, Node, WriteFlags, ZeroFlags};
 use iothreads::{BufResult, IoBuf};
 
+use super::header::MAX_L1_BYTES;
 use super::layout::{classify, decompress, Cluster, COPIED, ZERO};
 use super::Qcow2Driver;
+
+/// The claim key that serialises truncates: no guest cluster (below 2^53) and no L1 index
+/// key of `Meta::ensure_l2` (`u64::MAX` less an index below 2^22) is this.
+const TRUNCATE_CLAIM: u64 = u64::MAX - (1 << 32);
+
+/// The largest virtual size (QEMU's limit, as the header parser has it).
+const MAX_SIZE: u64 = 1 << 62;
 
 fn no_file() -> io::Error {
     io::Error::new(io::ErrorKind::NotFound, "qcow2 node has no file child")
@@ -397,6 +406,7 @@ impl Qcow2Driver {
         let file = node.file().ok_or_else(no_file)?;
         let has_backing = node.backing().is_some();
         let cs = self.meta.cs;
+        let size = self.len.load(Ordering::Acquire);
         let mut done = 0u64;
         while done < len {
             let off = offset + done;
@@ -404,7 +414,7 @@ impl Qcow2Driver {
             let in_off = off % cs;
             let n = (cs - in_off).min(len - done);
             let whole = in_off == 0 && n == cs;
-            let end_of_image = off + n >= self.size && in_off == 0;
+            let end_of_image = off + n >= size && in_off == 0;
             if (whole || end_of_image) && (self.is_v3() || (!has_backing && flags.may_unmap)) {
                 let _t = self.meta.enter();
                 self.meta.claim(gc).await;
@@ -469,8 +479,9 @@ impl Qcow2Driver {
         let cs = self.meta.cs;
         // Whole clusters only, as QEMU does; partial ones keep their data.
         let first = offset.div_ceil(cs);
-        let end = if offset + len >= self.size {
-            self.size.div_ceil(cs)
+        let size = self.len.load(Ordering::Acquire);
+        let end = if offset + len >= size {
+            size.div_ceil(cs)
         } else {
             (offset + len) / cs
         };
@@ -501,6 +512,87 @@ impl Qcow2Driver {
         let file = node.file().ok_or_else(no_file)?;
         self.meta.writeback(&file).await?;
         file.flush().await
+    }
+
+    /// Grows the image to `len` bytes (QEMU's `qcow2_co_truncate` with
+    /// `preallocation=off`; see `Meta::grow` for the metadata steps). Where a backing node
+    /// is longer than the old size, its data must not show through the new range (as
+    /// `bdrv_co_truncate` ensures): the L1 table is grown first, the range up to the
+    /// backing node's end is made to read as zeroes and written back, and only then does
+    /// the header's size grow, so no crash ever shows backing data there. Truncates of one
+    /// image run one at a time.
+    pub(crate) async fn do_truncate(&self, node: &Node, len: u64) -> io::Result<()> {
+        let invalid = |msg: String| io::Error::new(io::ErrorKind::InvalidInput, msg);
+        if self.is_read_only() {
+            return Err(io::Error::new(
+                io::ErrorKind::PermissionDenied,
+                "Block node is read-only",
+            ));
+        }
+        let file = node.file().ok_or_else(no_file)?;
+        self.meta.claim(TRUNCATE_CLAIM).await;
+        let r = async {
+            let cur = self.len.load(Ordering::Acquire);
+            if len == cur {
+                return Ok(());
+            }
+            if len < cur {
+                return Err(invalid(format!(
+                    "qcow2: cannot shrink the image from {cur} to {len} bytes (only growing \
+                     is supported)"
+                )));
+            }
+            if !len.is_multiple_of(512) {
+                return Err(invalid("The new size must be a multiple of 512".into()));
+            }
+            if self.extended_l2 {
+                return Err(ext_l2_write());
+            }
+            if self.meta.header.lock().nb_snapshots != 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::Unsupported,
+                    "Can't resize an image which has snapshots",
+                ));
+            }
+            let l1 = len.div_ceil(self.meta.l2_entries * self.meta.cs);
+            if len > MAX_SIZE || l1 * 8 > MAX_L1_BYTES {
+                return Err(io::Error::new(
+                    io::ErrorKind::FileTooLarge,
+                    format!("qcow2: {len} bytes is too large for this cluster size"),
+                ));
+            }
+            let zero_end = node
+                .backing()
+                .map(|b| b.len().min(len))
+                .filter(|&end| end > cur);
+            if let Some(end) = zero_end {
+                self.meta.grow(&file, cur, l1 as usize).await?;
+                self.sync_opened();
+                let flags = ZeroFlags {
+                    may_unmap: true,
+                    ..Default::default()
+                };
+                self.do_write_zeroes(node, cur, end - cur, flags).await?;
+                self.do_flush(node).await?;
+            }
+            self.meta.grow(&file, len, l1 as usize).await?;
+            self.sync_opened();
+            self.len.fetch_max(len, Ordering::AcqRel);
+            Ok(())
+        }
+        .await;
+        self.meta.release(TRUNCATE_CLAIM);
+        r
+    }
+
+    /// Copies the size and L1 table fields of the header last written into the one `info`
+    /// shows.
+    fn sync_opened(&self) {
+        let h = self.meta.header.lock().clone();
+        let mut o = self.opened.lock();
+        o.size = h.size;
+        o.l1_size = h.l1_size;
+        o.l1_table_offset = h.l1_table_offset;
     }
 
     pub(crate) async fn do_block_status(

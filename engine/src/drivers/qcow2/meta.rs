@@ -63,6 +63,10 @@ pub(crate) enum WaitKey {
 pub(crate) struct State {
     pub(crate) l1: Vec<u64>,
     l1_dirty: BTreeSet<usize>,
+    /// Where the L1 table is, and how many clusters it occupies (it may hold more entries
+    /// than `l1.len()`: the rest of its last cluster).
+    l1_offset: u64,
+    l1_clusters: u64,
     rt: Vec<u64>,
     rt_dirty: bool,
     rt_offset: u64,
@@ -98,7 +102,6 @@ pub(crate) struct Meta {
     refblock_entries: u64,
     pub(crate) l2_entries: u64,
     pub(crate) l2_entry_size: u64,
-    l1_offset: u64,
     capacity: usize,
     pub(crate) state: Mutex<State>,
     /// Requests in flight, by epoch parity (see the module doc).
@@ -162,6 +165,7 @@ impl Meta {
         let cs = h.cluster_size();
         let refcount_bits = h.refcount_bits();
         let capacity = (cache_bytes / cs).max(16) as usize;
+        let l1_clusters = (l1.len() as u64 * 8).div_ceil(cs);
         Meta {
             cluster_bits: h.cluster_bits,
             cs,
@@ -169,11 +173,12 @@ impl Meta {
             refblock_entries: cs * 8 / u64::from(refcount_bits),
             l2_entries: h.l2_entries(),
             l2_entry_size: h.l2_entry_size(),
-            l1_offset: h.l1_table_offset,
             capacity,
             state: Mutex::new(State {
                 l1,
                 l1_dirty: BTreeSet::new(),
+                l1_offset: h.l1_table_offset,
+                l1_clusters,
                 rt,
                 rt_dirty: false,
                 rt_offset: h.refcount_table_offset,
@@ -627,19 +632,30 @@ impl Meta {
 
     // ---- writeback ----
 
-    /// Writes every dirty table back in the crash-safe order (see the module doc).
-    pub(crate) async fn writeback(&self, file: &Node) -> io::Result<()> {
-        // One writeback at a time.
+    /// Takes the right to write metadata back (one writeback, or one L1 resize, at a time).
+    async fn begin_writeback(&self) {
         loop {
             {
                 let mut st = self.state.lock();
                 if !st.flushing {
                     st.flushing = true;
-                    break;
+                    return;
                 }
             }
             self.wait(WaitKey::Flush, |st| !st.flushing).await;
         }
+    }
+
+    /// Gives back what [`Meta::begin_writeback`] took.
+    fn end_writeback(&self) {
+        let mut st = self.state.lock();
+        st.flushing = false;
+        wake(&mut st, WaitKey::Flush);
+    }
+
+    /// Writes every dirty table back in the crash-safe order (see the module doc).
+    pub(crate) async fn writeback(&self, file: &Node) -> io::Result<()> {
+        self.begin_writeback().await;
         // Freeing clusters (after their unmapping is durable) dirties refcount blocks again;
         // a few passes leave everything clean.
         let mut r = Ok(());
@@ -656,9 +672,7 @@ impl Meta {
                 break;
             }
         }
-        let mut st = self.state.lock();
-        st.flushing = false;
-        wake(&mut st, WaitKey::Flush);
+        self.end_writeback();
         r
     }
 
@@ -689,6 +703,7 @@ impl Meta {
             } else {
                 st.l1.clone()
             };
+            let l1_offset = st.l1_offset;
             let rt = st
                 .rt_dirty
                 .then(|| (st.rt_offset, st.rt.clone(), st.rt_clusters));
@@ -702,6 +717,7 @@ impl Meta {
                 l2s,
                 l1_entries,
                 l1: l1_copy,
+                l1_offset,
                 rt,
                 header,
                 retired,
@@ -809,11 +825,146 @@ impl Meta {
                     let v = s.l1.get(sector * 64 + k).copied().unwrap_or(0);
                     layout::set_be_entry(&mut buf, k, v);
                 }
-                write_bytes(file, self.l1_offset + sector as u64 * 512, &buf).await?;
+                write_bytes(file, s.l1_offset + sector as u64 * 512, &buf).await?;
             }
             file.flush().await?;
         }
         Ok(())
+    }
+
+    // ---- growing the image ----
+
+    /// Rewrites the header with `change` applied to the copy last written, then flushes.
+    /// On failure the copy is restored (the file may hold either header then).
+    async fn write_header(&self, file: &Node, change: impl FnOnce(&mut Header)) -> io::Result<()> {
+        let (bytes, old) = {
+            let mut h = self.header.lock();
+            let old = h.clone();
+            change(&mut h);
+            match h.serialize() {
+                Ok(b) => (b, old),
+                Err(e) => {
+                    *h = old;
+                    return Err(e.into());
+                }
+            }
+        };
+        let mut cluster = vec![0u8; self.cs.min(1 << 16) as usize];
+        cluster[..bytes.len()].copy_from_slice(&bytes);
+        let r = async {
+            write_bytes(file, 0, &cluster).await?;
+            file.flush().await
+        }
+        .await;
+        if r.is_err() {
+            *self.header.lock() = old;
+        }
+        r
+    }
+
+    /// Grows the virtual size to `size` bytes (or leaves it, if equal), with an L1 table of
+    /// at least `l1_size` entries, as QEMU's `qcow2_co_truncate` does for growth without
+    /// preallocation. Returns the size before. Runs as a writeback does (one at a time with writebacks), so
+    /// no table is written while the L1 table moves.
+    ///
+    /// - The L1 table is long enough: only the header's size changes.
+    /// - Its clusters hold the new entries: they are zeroed on disk (the rest of a cluster
+    ///   may hold anything), flushed, then the header gets the new size and L1 length.
+    /// - Otherwise a new table: allocate its clusters, write every dirty table back (so their
+    ///   refcounts are durable), write the new table (entries not yet durable as zeroes, as
+    ///   on disk; the next writeback writes them there), flush, switch the header to it,
+    ///   flush, and only then free the old table's clusters (through the unmapped list: after
+    ///   the next writeback and the grace period, as the refcount table's growth does).
+    pub(crate) async fn grow(&self, file: &Node, size: u64, l1_size: usize) -> io::Result<u64> {
+        self.begin_writeback().await;
+        let r = self.grow_locked(file, size, l1_size).await;
+        self.end_writeback();
+        r
+    }
+
+    async fn grow_locked(&self, file: &Node, size: u64, l1_size: usize) -> io::Result<u64> {
+        let cs = self.cs;
+        let old_size = self.header.lock().size;
+        if size < old_size {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("qcow2: cannot shrink the image from {old_size} to {size} bytes"),
+            ));
+        }
+        let (old_len, old_off, old_clusters) = {
+            let st = self.state.lock();
+            (st.l1.len(), st.l1_offset, st.l1_clusters)
+        };
+        if l1_size <= old_len {
+            if size > old_size {
+                self.write_header(file, |h| h.size = size).await?;
+            }
+            return Ok(old_size);
+        }
+        let l1_len = l1_size as u32;
+        if l1_size as u64 * 8 <= old_clusters * cs {
+            // In place: the new entries are zeroes before the header counts them.
+            let zeroes = vec![0u8; (l1_size - old_len) * 8];
+            write_bytes(file, old_off + old_len as u64 * 8, &zeroes).await?;
+            file.flush().await?;
+            self.write_header(file, |h| {
+                h.size = size;
+                h.l1_size = l1_len;
+            })
+            .await?;
+            self.state.lock().l1.resize(l1_size, 0);
+            return Ok(old_size);
+        }
+        let clusters = (l1_size as u64 * 8).div_ceil(cs);
+        let new_off = self.alloc(file, clusters).await?;
+        let free_new = |this: &Self| {
+            let mut st = this.state.lock();
+            for c in 0..clusters {
+                this.unmap_later(&mut st, new_off + c * cs);
+            }
+        };
+        // Refcounts (the new table's among them) before the table that relies on them.
+        if let Err(e) = self.writeback_locked(file).await {
+            free_new(self);
+            return Err(e);
+        }
+        let table = {
+            let st = self.state.lock();
+            let mut buf = vec![0u8; (clusters * cs) as usize];
+            for (i, e) in st.l1.iter().enumerate() {
+                if !st.l1_dirty.contains(&i) {
+                    layout::set_be_entry(&mut buf, i, *e);
+                }
+            }
+            buf
+        };
+        let written = async {
+            write_bytes(file, new_off, &table).await?;
+            file.flush().await
+        }
+        .await;
+        if let Err(e) = written {
+            free_new(self);
+            return Err(e);
+        }
+        // If this fails the header may or may not point at the new table: keep both tables
+        // (a leak at worst).
+        self.write_header(file, |h| {
+            h.size = size;
+            h.l1_size = l1_len;
+            h.l1_table_offset = new_off;
+        })
+        .await?;
+        let mut st = self.state.lock();
+        st.l1.resize(l1_size, 0);
+        st.l1_offset = new_off;
+        st.l1_clusters = clusters;
+        if old_len > 0 {
+            for c in 0..old_clusters {
+                self.unmap_later(&mut st, old_off + c * cs);
+            }
+        }
+        Ok(old_size)
     }
 
     // ---- L2 tables ----
@@ -870,10 +1021,10 @@ impl Meta {
     /// Checks that a data cluster does not overlap the image's own fixed metadata.
     pub(crate) fn check_data_cluster(&self, host: u64) -> io::Result<()> {
         let st = self.state.lock();
-        let l1_end = self.l1_offset + (st.l1.len() as u64 * 8).next_multiple_of(self.cs);
+        let l1_end = st.l1_offset + st.l1_clusters * self.cs;
         let rt_end = st.rt_offset + u64::from(st.rt_clusters) * self.cs;
         let bad = host < self.cs
-            || (host >= self.l1_offset && host < l1_end)
+            || (host >= st.l1_offset && host < l1_end)
             || (host >= st.rt_offset && host < rt_end)
             || st.tables.contains_key(&host);
         if bad {
@@ -901,6 +1052,7 @@ struct Snapshot {
     l2s: Vec<(u64, Box<[u8]>, u64)>,
     l1_entries: Vec<(usize, u64)>,
     l1: Vec<u64>,
+    l1_offset: u64,
     rt: Option<(u64, Vec<u64>, u32)>,
     header: bool,
     retired: Vec<(u64, u64)>,

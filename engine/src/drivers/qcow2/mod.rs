@@ -64,14 +64,15 @@ pub struct Qcow2Info {
 /// The qcow2 driver.
 pub struct Qcow2Driver {
     version: u32,
-    size: u64,
     extended_l2: bool,
     compression: Compression,
     read_only: AtomicBool,
     /// A prepared reopen's mode (see [`Driver::reopen_prepare`]).
     reopen_to: parking_lot::Mutex<Option<bool>>,
     meta: Meta,
-    opened: Header,
+    /// The header as opened, with the size and L1 table as grown since.
+    opened: parking_lot::Mutex<Header>,
+    /// The virtual size.
     len: AtomicU64,
     /// The file child, held for the asynchronous close (the node is gone by then).
     close_file: std::sync::OnceLock<Arc<Node>>,
@@ -81,7 +82,7 @@ impl std::fmt::Debug for Qcow2Driver {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Qcow2Driver")
             .field("version", &self.version)
-            .field("size", &self.size)
+            .field("size", &self.len.load(Ordering::Relaxed))
             .field("cluster_size", &self.meta.cs)
             .finish()
     }
@@ -219,14 +220,13 @@ impl Qcow2Driver {
         let meta = Meta::new(&h, l1, rt, file.len(), opts.cache_size);
         Ok(Qcow2Driver {
             version: h.version,
-            size: h.size,
             extended_l2: h.extended_l2(),
             compression: h.compression,
             read_only: AtomicBool::new(read_only),
             reopen_to: parking_lot::Mutex::new(None),
             meta,
             len: AtomicU64::new(h.size),
-            opened,
+            opened: parking_lot::Mutex::new(opened),
             close_file: std::sync::OnceLock::new(),
         })
     }
@@ -236,10 +236,11 @@ impl Qcow2Driver {
         self.read_only.load(Ordering::Acquire)
     }
 
-    /// The header as it was when the image was opened.
+    /// The header as it was when the image was opened, with the virtual size and L1 table
+    /// as grown since (see [`Driver::truncate`]).
     pub fn info(&self) -> Qcow2Info {
         Qcow2Info {
-            header: self.opened.clone(),
+            header: self.opened.lock().clone(),
         }
     }
 
@@ -361,6 +362,10 @@ impl Driver for Qcow2Driver {
         Box::pin(self.do_flush(node))
     }
 
+    fn truncate<'a>(&'a self, node: &'a Node, len: u64) -> LocalBoxFuture<'a, std::io::Result<()>> {
+        Box::pin(self.do_truncate(node, len))
+    }
+
     fn block_status<'a>(
         &'a self,
         node: &'a Node,
@@ -382,7 +387,7 @@ impl Driver for Qcow2Driver {
     /// first (callers flush the drained node before). The file child reopens on its own
     /// (see `engine::reopen_image`).
     fn reopen_prepare(&self, read_only: bool) -> Result<(), Error> {
-        let h = &self.opened;
+        let h = self.opened.lock().clone();
         if !read_only {
             let refuse = |why: &str| {
                 Err(Error::new(
