@@ -338,3 +338,91 @@ fn job_verbs_follow_the_state_table() {
     assert!(e.jobs().get(job.id()).is_err());
     let _ = Arc::clone(&job);
 }
+
+/// A chain whose base (1 MiB) is shorter than the images above it (4 MiB), with data above
+/// the base's end in the middle image and a stretch above the base's end left unallocated
+/// everywhere (it must read as zeroes after the commit, as before it).
+fn short_base_chain(tag: &str) -> Vec<common::Scratch> {
+    let imgs: Vec<common::Scratch> = (0..3)
+        .map(|i| common::Scratch::new_in("/var/tmp", &format!("{tag}{i}")))
+        .collect();
+    common::run_tool(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        imgs[0].path(),
+        "1M",
+    ]);
+    for i in 1..3 {
+        common::run_tool(&[
+            "qemu-img",
+            "create",
+            "-q",
+            "-f",
+            "qcow2",
+            "-b",
+            imgs[i - 1].path(),
+            "-F",
+            "qcow2",
+            imgs[i].path(),
+            "4M",
+        ]);
+    }
+    let io = |img: &common::Scratch, cmd: &str| {
+        common::run_tool(&["qemu-io", "-f", "qcow2", "-c", cmd, img.path()]);
+    };
+    io(&imgs[0], "write -P 1 0 1M");
+    io(&imgs[1], "write -P 2 512k 1M");
+    io(&imgs[1], "write -P 3 3M 256k");
+    io(&imgs[2], "write -P 4 2M 64k");
+    imgs
+}
+
+#[test]
+fn intermediate_commit_grows_a_shorter_base_first() {
+    if !have_qemu() {
+        return;
+    }
+    let imgs = short_base_chain("cg");
+    let before = qemu_content(imgs[2].path());
+    let mid = qemu_content(imgs[1].path());
+    let e = engine();
+    let n = open_chain(&e, &imgs, "cg");
+    let mut a = CommitArgs::new(&n[2]);
+    a.top_node = Some(n[1].clone());
+    a.base_node = Some(n[0].clone());
+    assert_eq!(e.commit(a).unwrap().wait().error, None);
+    assert_eq!(e.node(&n[0]).unwrap().len(), 4 * MIB, "base grown");
+    drop(e);
+    for i in [&imgs[0], &imgs[2]] {
+        assert_check_clean(i.path());
+    }
+    assert_eq!(qemu_content(imgs[2].path()), before);
+    assert_eq!(qemu_content(imgs[0].path()), mid);
+}
+
+#[test]
+fn active_commit_grows_a_shorter_base_first() {
+    if !have_qemu() {
+        return;
+    }
+    let imgs = short_base_chain("cag");
+    let before = qemu_content(imgs[2].path());
+    let e = engine();
+    let n = open_chain(&e, &imgs, "cag");
+    let guest = e.backend(&n[2], &[], BackendOptions::default()).unwrap();
+    let mut a = CommitArgs::new(&n[2]);
+    a.job_id = Some(uniq("activegrow"));
+    let job = e.commit(a).unwrap();
+    assert_eq!(job.wait_for(JobStatus::Ready), JobStatus::Ready);
+    job.complete().unwrap();
+    assert_eq!(job.wait().error, None);
+    assert_eq!(guest.root().name(), n[0]);
+    assert_eq!(guest.root().len(), 4 * MIB, "base grown");
+    drop(guest);
+    drop(e);
+    assert_check_clean(imgs[0].path());
+    assert_eq!(qemu_content(imgs[0].path()), before);
+}

@@ -321,6 +321,21 @@ pub(crate) fn attach_writer(
     Ok(WriterEdge { edge, _user: user })
 }
 
+/// Grows `base` to `len` bytes if it is shorter (as QEMU's commit and mirror do before they
+/// copy), through the job's write access (which includes resize). The new range reads as
+/// zeroes, so data a shorter base never had cannot show through.
+pub(crate) async fn grow_base(base: &Node, len: u64) -> Result<()> {
+    if base.len() >= len {
+        return Ok(());
+    }
+    base.truncate(len).await.map_err(|e| {
+        Error::new(
+            ErrorKind::Io,
+            format!("Could not resize '{}' to {len} bytes: {e}", base.name()),
+        )
+    })
+}
+
 /// Gives up write access taken by [`attach_writer`].
 pub(crate) fn release_writer(ctx: &ChangeCtx, writer: &mut Option<WriterEdge>) {
     if let Some(w) = writer.take() {
@@ -488,16 +503,7 @@ impl JobDriver for CommitJob {
         Box::pin(async move {
             let len = self.top.len();
             cx.set_total(len);
-            if self.base.len() < len {
-                return Err(Error::new(
-                    ErrorKind::Unsupported,
-                    format!(
-                        "base '{}' is smaller than top '{}'; grow it first",
-                        self.base.name(),
-                        self.top.name()
-                    ),
-                ));
-            }
+            grow_base(&self.base, len).await?;
             copy_down(cx, &self.top, &self.base_overlay, &self.base, len).await
         })
     }

@@ -230,16 +230,7 @@ async fn sync_all(top: Arc<Node>, base: Arc<Node>, bitmap: Arc<DirtyBitmap>) -> 
 impl ActiveCommitJob {
     async fn copy_loop(&mut self, cx: &JobCx) -> Result<()> {
         let len = self.top.len();
-        if self.base.len() < len {
-            return Err(Error::new(
-                ErrorKind::Unsupported,
-                format!(
-                    "base '{}' is smaller than top '{}'; grow it first",
-                    self.base.name(),
-                    self.top.name()
-                ),
-            ));
-        }
+        super::commit::grow_base(&self.base, len).await?;
         // Everything allocated above base is dirty to begin with.
         let mut off = 0;
         while off < len {

@@ -10,8 +10,9 @@
 //! this order, each step awaited and then made durable with a flush before the next begins:
 //!
 //! 1. guest data (a flush), so no durable mapping ever points at data not yet durable;
-//! 2. refcount blocks (and, if the refcount table moved, the new table, a flush, then the
-//!    header that points at it), so no durable mapping points at a cluster not yet counted;
+//! 2. refcount blocks, then (after a flush) the refcount table if it changed, and if the
+//!    table moved, a flush and the header that points at it; so no durable table entry
+//!    points at a block not yet written, and no durable mapping at a cluster not yet counted;
 //! 3. L2 tables; 4. L1 entries.
 //!
 //! The tables written in one writeback are copies taken at one instant under the mutex, so a
@@ -784,6 +785,12 @@ impl Meta {
                 write_bytes(file, *off, data).await?;
             }
             if let Some((off, rt, clusters)) = &s.rt {
+                // A table entry must never be durable before the block it points at (a disk
+                // cache may keep the entry and lose the block): the blocks first, a flush,
+                // then the table, as QEMU's alloc_refcount_block orders them.
+                if !s.blocks.is_empty() {
+                    file.flush().await?;
+                }
                 let mut buf = vec![0u8; (*clusters as u64 * self.cs) as usize];
                 for (i, e) in rt.iter().enumerate() {
                     layout::set_be_entry(&mut buf, i, *e);
