@@ -11,7 +11,10 @@
 //! - **queries** (read-only) run at once, between polls of the running change, so they always
 //!   see the graph between two synchronous steps, never in the middle of one.
 //! - **closes** of dropped nodes' drivers (flush, clear dirty flags, unlock) run on the
-//!   controller's IoThread concurrently with changes: those nodes are already out of the graph.
+//!   controller's IoThread concurrently with the running change (those nodes are already out
+//!   of the graph), but the next change starts only when every pending close has ended, so a
+//!   change that reopens a file just released (blockdev-del, then blockdev-add of the same
+//!   image) never meets its old image locks.
 
 use std::collections::VecDeque;
 use std::future::Future;
@@ -46,6 +49,16 @@ impl Shared {
             t.unpark();
         }
     }
+}
+
+/// The closer nodes created by this controller's engine keep: their closes queue here while
+/// it runs (and are dropped without I/O once it stopped, as with no controller at all).
+fn home_closer(shared: &Arc<Shared>) -> graph::HomeCloser {
+    let weak = Arc::downgrade(shared);
+    Arc::new(move |name, driver| match weak.upgrade() {
+        Some(s) if !s.stop.load(Ordering::Acquire) => s.push(Work::Close(name, driver)),
+        _ => drop(driver),
+    })
 }
 
 struct CtlWaker(Arc<Shared>);
@@ -171,6 +184,11 @@ impl Controller {
         })
     }
 
+    /// The closer for nodes of this controller's engine (see [`graph::set_thread_closer`]).
+    pub fn closer(&self) -> graph::HomeCloser {
+        home_closer(&self.shared)
+    }
+
     /// The controller's IoThread.
     pub fn io_thread(&self) -> &IoThreadHandle {
         &self.io
@@ -279,6 +297,7 @@ fn run(shared: Arc<Shared>, io: IoThreadHandle) {
     while shared.thread.get().is_none() {
         std::thread::park();
     }
+    graph::set_thread_closer(Some(home_closer(&shared)));
     let waker = Waker::from(Arc::new(CtlWaker(Arc::clone(&shared))));
     let mut cx = Context::from_waker(&waker);
     let mut changes: VecDeque<ChangeFn> = VecDeque::new();
@@ -295,7 +314,10 @@ fn run(shared: Arc<Shared>, io: IoThreadHandle) {
                 Work::Close(name, d) => closing.push(Box::pin(close(io.clone(), name, d))),
             }
         }
-        if current.is_none() {
+        // A change starts only when no close is pending: a node whose last user went (a
+        // blockdev-del, a dropped backend) has released its files and image locks before the
+        // next change can open them again.
+        if current.is_none() && closing.is_empty() {
             if let Some(c) = changes.pop_front() {
                 current = Some(c(ctx.clone()));
             }
@@ -307,8 +329,9 @@ fn run(shared: Arc<Shared>, io: IoThreadHandle) {
                 ended = true;
             }
         }
+        let pending = closing.len();
         closing.retain_mut(|f| f.as_mut().poll(&mut cx).is_pending());
-        if ended || got_work {
+        if ended || got_work || closing.len() != pending {
             continue;
         }
         if shared.stop.load(Ordering::Acquire)

@@ -6,6 +6,7 @@
 //! live as long as their parents.
 
 use std::collections::BTreeMap;
+use std::path::Path;
 use std::sync::Arc;
 
 use graph::{Error, ErrorKind, Node, Result, Role, Transaction};
@@ -279,6 +280,14 @@ impl Engine {
             })?);
         }
         let controller = Controller::start(iothreads[0].handle())?;
+        // Nodes opened on these threads close through this engine's controller, even with
+        // several engines in one process.
+        for t in &iothreads {
+            let closer = controller.closer();
+            let _ = t
+                .handle()
+                .block_on(move || async move { graph::set_thread_closer(Some(closer)) });
+        }
         Ok(Engine {
             jobs: JobManager::new(controller.handle()),
             controller,
@@ -439,6 +448,92 @@ impl Engine {
             r?;
             owned.lock().remove(&name);
             Ok(())
+        })
+    }
+
+    /// Takes a live snapshot (QMP's `blockdev-snapshot`): `overlay`, a qcow2 node added with
+    /// no backing node, goes above `node` under all of `node`'s parents atomically, with
+    /// `node` as its backing node; `node` is then read-only. See [`crate::snapshot`].
+    pub fn snapshot(&self, node: &str, overlay: &str) -> Result<()> {
+        let jobs = self.jobs.clone();
+        let (node, overlay) = (node.to_string(), overlay.to_string());
+        self.controller.change_blocking(move |ctx| async move {
+            crate::snapshot::append_overlay(&ctx, &jobs, &node, &overlay).await
+        })
+    }
+
+    /// Creates a qcow2 image at `path` whose backing file is `node`'s image (its file name
+    /// and format, and its size), opens it as a node named `overlay_name`, and takes a live
+    /// snapshot onto it (QMP's `blockdev-snapshot-sync`). An existing file at `path` is
+    /// refused, not overwritten; if the snapshot fails, the new file is removed.
+    pub fn snapshot_file(&self, node: &str, path: &Path, overlay_name: &str) -> Result<Arc<Node>> {
+        let jobs = self.jobs.clone();
+        let owned = Arc::clone(&self.owned);
+        let (node, path, name) = (
+            node.to_string(),
+            path.to_path_buf(),
+            overlay_name.to_string(),
+        );
+        self.controller.change_blocking(move |ctx| async move {
+            if graph::find_node(&name).is_some() {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    "New overlay node-name already in use",
+                ));
+            }
+            if path.exists() {
+                return Err(Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("Could not create '{}': the file exists", path.display()),
+                ));
+            }
+            let old = lookup(&node)?;
+            let backing = crate::job::chain::image_filename(&old).ok_or_else(|| {
+                Error::new(
+                    ErrorKind::InvalidArgument,
+                    format!("Node '{node}' has no file name to use as a backing file"),
+                )
+            })?;
+            let opts = qcow2::create::CreateOptions {
+                size: old.len(),
+                backing_file: Some(backing),
+                backing_format: Some(crate::job::chain::image_format(&old).to_string()),
+                ..Default::default()
+            };
+            let p = path.clone();
+            on_io(&ctx, move || async move {
+                image::create(&p, image::Format::Qcow2, &opts).await
+            })
+            .await?;
+            let spec = NodeSpec {
+                node_name: Some(name.clone()),
+                read_only: false,
+                driver: DriverSpec::Qcow2 {
+                    file: ChildSpec::Spec(Box::new(NodeSpec {
+                        node_name: None,
+                        read_only: false,
+                        driver: DriverSpec::File(FileOptions::new(&path)),
+                    })),
+                    backing: BackingSpec::None,
+                    opts: Qcow2Options::default(),
+                },
+            };
+            let r = async {
+                let overlay = open_spec(&ctx, &spec).await?;
+                crate::snapshot::append_overlay(&ctx, &jobs, &node, &name).await?;
+                Ok(overlay)
+            }
+            .await;
+            match r {
+                Ok(overlay) => {
+                    owned.lock().insert(name, Arc::clone(&overlay));
+                    Ok(overlay)
+                }
+                Err(e) => {
+                    let _ = std::fs::remove_file(&path);
+                    Err(e)
+                }
+            }
         })
     }
 

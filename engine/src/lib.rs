@@ -7,6 +7,7 @@ pub mod drivers;
 pub mod engine;
 pub mod image;
 pub mod job;
+pub mod snapshot;
 
 pub use backend::{Backend, BackendOptions};
 pub use controller::{ChangeCtx, Controller, ControllerHandle};

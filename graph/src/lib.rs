@@ -36,7 +36,10 @@ pub use error::{Error, ErrorKind, Result};
 #[cfg(not(loom))]
 pub use lock::{graph_lock, GraphCell, GraphLock, ReadGuard, WriteGuard};
 #[cfg(not(loom))]
-pub use node::{all_nodes, check_node_name, find_node, set_closer, Closer, Node, NodeStats};
+pub use node::{
+    all_nodes, check_node_name, find_node, set_closer, set_thread_closer, Closer, HomeCloser, Node,
+    NodeStats,
+};
 #[cfg(not(loom))]
 pub use perm::Perm;
 #[cfg(not(loom))]

@@ -46,6 +46,8 @@ pub struct Node {
     /// The (perm, shared) last applied to the driver.
     pub(crate) applied: Mutex<(Perm, Perm)>,
     stats: Box<[CachePadded<ThreadStats>]>,
+    /// Where the driver goes when the node drops (see [`set_thread_closer`]).
+    home_closer: Option<HomeCloser>,
 }
 
 /// Per-node request counters (QEMU's query-blockstats), summed over IoThreads.
@@ -200,6 +202,22 @@ pub fn set_closer(closer: Closer) -> bool {
     CLOSER.set(closer).is_ok()
 }
 
+/// A closer a node keeps from where it was created (its engine's controller).
+pub type HomeCloser = Arc<dyn Fn(String, Box<dyn Driver>) + Send + Sync>;
+
+thread_local! {
+    static HOME_CLOSER: std::cell::RefCell<Option<HomeCloser>> =
+        const { std::cell::RefCell::new(None) };
+}
+
+/// Sets the closer that nodes created on this thread keep (an engine sets it on its
+/// controller and IoThreads, so that with several engines in a process each node is closed by
+/// its own engine's controller, which orders the close before its next change). Nodes
+/// created on a thread without one use the process-wide [`set_closer`] closer.
+pub fn set_thread_closer(closer: Option<HomeCloser>) {
+    HOME_CLOSER.with(|c| *c.borrow_mut() = closer);
+}
+
 impl Node {
     /// A node served by `driver`. `name` None gets QEMU-style automatic name `#blockNNN`.
     /// Fails if the name is malformed or taken.
@@ -240,6 +258,7 @@ impl Node {
             stats: (0..iothreads::MAX_IOTHREADS)
                 .map(|_| CachePadded::default())
                 .collect(),
+            home_closer: HOME_CLOSER.with(|c| c.borrow().clone()),
         });
         reg.nodes.insert(name, Arc::downgrade(&node));
         Ok(node)
@@ -550,9 +569,11 @@ impl Drop for Node {
             }
         }
         if let Some(driver) = self.driver.take() {
-            match CLOSER.get() {
-                Some(close) => close(std::mem::take(&mut self.name), driver),
-                None => close_on_any_iothread(driver),
+            let name = std::mem::take(&mut self.name);
+            match (&self.home_closer, CLOSER.get()) {
+                (Some(close), _) => close(name, driver),
+                (None, Some(close)) => close(name, driver),
+                (None, None) => close_on_any_iothread(driver),
             }
         }
     }

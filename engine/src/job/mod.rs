@@ -221,7 +221,7 @@ impl IoStatus {
         match self {
             IoStatus::Ok => "ok",
             IoStatus::Failed => "failed",
-            IoStatus::Nospc => "nospc",
+            IoStatus::Nospc => "nospace",
         }
     }
 }
@@ -456,6 +456,9 @@ struct State {
     slice_end: Instant,
     dispatched: u64,
     delay_until: Option<Instant>,
+    /// The speed changed since the job last slept for the rate limit: the sleep ends and the
+    /// limit starts a new slice at the new speed (QEMU re-enters a job on set-speed).
+    speed_changed: bool,
 }
 
 /// A job.
@@ -640,15 +643,17 @@ impl Job {
 
     /// Changes the speed limit (bytes per second; 0: none).
     pub fn set_speed(&self, speed: i64) -> Result<()> {
+        // The verb first, then the value (QEMU's block_job_set_speed_locked).
+        let mut st = self.state.lock();
+        self.apply_verb(&st, JobVerb::SetSpeed)?;
         if speed < 0 {
             return Err(Error::new(
                 ErrorKind::InvalidArgument,
                 "Parameter 'speed' expects a non-negative value",
             ));
         }
-        let mut st = self.state.lock();
-        self.apply_verb(&st, JobVerb::SetSpeed)?;
         st.speed = speed as u64;
+        st.speed_changed = true;
         Self::kick(&mut st);
         Ok(())
     }
@@ -1024,7 +1029,7 @@ impl JobCx {
             let step = (end - now).min(Duration::from_millis(20));
             let _ = iothreads::op::sleep(step).await;
             let st = self.job.state.lock();
-            if st.force_cancel || st.pause_count > 0 || st.should_complete {
+            if st.force_cancel || st.pause_count > 0 || st.should_complete || st.speed_changed {
                 break;
             }
         }
@@ -1050,7 +1055,8 @@ impl JobCx {
         let slice = Duration::from_millis(100);
         let quota = (st.speed / 10).max(1);
         let now = Instant::now();
-        if st.slice_end < now {
+        // A new speed starts a new slice.
+        if std::mem::take(&mut st.speed_changed) || st.slice_end < now {
             st.slice_start = now;
             st.slice_end = now + slice;
             st.dispatched = 0;
@@ -1066,7 +1072,11 @@ impl JobCx {
     /// Sleeps as long as the accounted bytes require (quiet meanwhile), or at least passes a
     /// pause point.
     pub async fn rate_limit_wait(&self) {
-        let until = self.job.state.lock().delay_until.take();
+        let until = {
+            let mut st = self.job.state.lock();
+            st.speed_changed = false;
+            st.delay_until.take()
+        };
         match until.map(|u| u.saturating_duration_since(Instant::now())) {
             Some(d) if !d.is_zero() => self.sleep(d).await,
             _ => self.pause_point().await,
@@ -1089,24 +1099,27 @@ impl JobCx {
                 }
             }
         };
+        // A stop pauses the job (user-visibly, so the user resumes it) and sets the io-status
+        // before BLOCK_JOB_ERROR goes out: whoever sees the event and queries the job sees it
+        // paused, as QEMU's monitor does (iotest 030's test_stop), and can resume it at once.
+        if action == ErrorAction::Stop {
+            let mut st = self.job.state.lock();
+            st.io_status = if nospc {
+                IoStatus::Nospc
+            } else {
+                IoStatus::Failed
+            };
+            if !st.user_paused {
+                st.user_paused = true;
+                st.pause_count += 1;
+            }
+        }
         self.job.events.send(JobEventKind::Error {
             id: self.job.id.clone(),
             operation: op,
             action,
         });
         if action == ErrorAction::Stop {
-            {
-                let mut st = self.job.state.lock();
-                st.io_status = if nospc {
-                    IoStatus::Nospc
-                } else {
-                    IoStatus::Failed
-                };
-                if !st.user_paused {
-                    st.user_paused = true;
-                    st.pause_count += 1;
-                }
-            }
             self.pause_point().await;
         }
         action
@@ -1119,7 +1132,12 @@ struct ManagerInner {
     controller: ControllerHandle,
 }
 
-/// Every job of an engine.
+/// A subscription to job events (see [`JobManager::subscribe`]): `recv`, `try_iter`,
+/// `recv_timeout`.
+pub type JobEvents = crossbeam_channel::Receiver<JobEvent>;
+
+/// Every job of an engine (a handle: clones share the jobs).
+#[derive(Clone)]
 pub struct JobManager {
     inner: Arc<ManagerInner>,
 }
@@ -1168,8 +1186,8 @@ impl JobManager {
         }
     }
 
-    /// Job events.
-    pub fn subscribe(&self) -> crossbeam_channel::Receiver<JobEvent> {
+    /// Job events, from now on (each subscriber gets every event).
+    pub fn subscribe(&self) -> JobEvents {
         self.inner.events.subscribe()
     }
 
@@ -1302,6 +1320,7 @@ impl JobManager {
                     slice_end: Instant::now(),
                     dispatched: 0,
                     delay_until: None,
+                    speed_changed: false,
                 }),
                 events: Arc::clone(&inner.events),
                 edges: Mutex::new(Vec::new()),
