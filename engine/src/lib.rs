@@ -1,4 +1,5 @@
-//! strata's embeddable block engine: drivers, backends, and (as they arrive) the controller,
+#![warn(missing_docs)]
+//! strata's embeddable block engine: drivers, backends, the controller, live snapshots,
 //! block jobs and exports. An embedder links this crate alone and drives it with typed calls.
 
 pub mod backend;

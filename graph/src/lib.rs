@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! The block graph: nodes with their drivers, edges with roles and permissions, the in-flight
 //! counters that every request passes, drained sections, the graph lock, and transactions.
 //!

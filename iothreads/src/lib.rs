@@ -1,3 +1,4 @@
+#![warn(missing_docs)]
 //! IoThreads: one OS thread, one io_uring, one single-threaded executor.
 //!
 //! This crate knows nothing of blocks: it runs futures and turns I/O into ring ops.
