@@ -7,13 +7,16 @@ use std::sync::Arc;
 use graph::Node;
 
 /// The file an image was opened from: the filename of the first node with one, looking through
-/// filters and then the `file` child (a qcow2 node's file).
+/// filters and then the `file` child (a qcow2 node's file), and through filters below that
+/// (a format over blkdebug over its file: the name written into an overlay's header must be
+/// the file's, or the overlay would lose its backing file).
 pub fn image_filename(node: &Arc<Node>) -> Option<String> {
     let n = node.skip_filters();
     if let Some(f) = n.driver().filename() {
         return Some(f.to_string());
     }
     n.file()
+        .map(|f| f.skip_filters())
         .and_then(|f| f.driver().filename().map(str::to_string))
 }
 

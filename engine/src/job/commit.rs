@@ -124,6 +124,17 @@ pub(crate) struct Resolved {
     pub base: Arc<Node>,
 }
 
+/// Looks up `top-node` / `base-node` as QEMU does (`bdrv_lookup_bs(NULL, name)`): the error
+/// names no device.
+fn lookup_node(name: &str) -> Result<Arc<Node>> {
+    graph::find_node(name).ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("Cannot find device='' nor node-name='{name}'"),
+        )
+    })
+}
+
 fn resolve(mgr: &JobManager, args: &CommitArgs) -> Result<Resolved> {
     let bs = graph::find_node(&args.device).ok_or_else(|| {
         Error::new(
@@ -135,7 +146,7 @@ fn resolve(mgr: &JobManager, args: &CommitArgs) -> Result<Resolved> {
     let top = match (&args.top_node, &args.top) {
         (Some(_), Some(_)) => return Err(invalid("'top-node' and 'top' are mutually exclusive")),
         (Some(name), None) => {
-            let t = crate::engine::lookup(name)?;
+            let t = lookup_node(name)?;
             if !chain_contains(&bs, &t) {
                 return Err(invalid(format!(
                     "'{name}' is not in this backing file chain"
@@ -161,7 +172,7 @@ fn resolve(mgr: &JobManager, args: &CommitArgs) -> Result<Resolved> {
     let base = match (&args.base_node, &args.base) {
         (Some(_), Some(_)) => return Err(invalid("'base-node' and 'base' are mutually exclusive")),
         (Some(name), None) => {
-            let b = crate::engine::lookup(name)?;
+            let b = lookup_node(name)?;
             if !chain_contains(&top, &b) {
                 return Err(invalid(format!(
                     "'{name}' is not in this backing file chain"
@@ -189,7 +200,9 @@ fn resolve(mgr: &JobManager, args: &CommitArgs) -> Result<Resolved> {
 
 async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: CommitArgs) -> Result<JobSetup> {
     let r = resolve(mgr, &args)?;
-    if Arc::ptr_eq(&r.top, &r.device) {
+    // Active when top is the device, filters skipped (QEMU's qmp_block_commit): a commit of
+    // the image right below the device's filter is an active commit too.
+    if Arc::ptr_eq(&r.top.skip_filters(), &r.device.skip_filters()) {
         if args.backing_file.is_some() {
             return Err(invalid(
                 "'backing-file' specified, but 'top' is the active layer",
@@ -226,7 +239,10 @@ async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: CommitArgs) -> Result<Jo
         if base_read_only {
             crate::engine::reopen_image(tx, &base, false)?;
         }
-        let writer = attach_writer(tx, &base, &job_id, Perm::NONE)?;
+        // Resize only if base must grow (QEMU's commit_start), so filters above base that do
+        // not share resizing do not stand in the way.
+        let resize = base.len() < top.len();
+        let writer = attach_writer_with(tx, &base, &job_id, resize, Perm::NONE)?;
         tx.attach_child(&filter, &top, Role::Filtered)?;
         tx.insert_filter(&filter, &top)?;
         // Freeze from the filter down to base (the edge into base included).
@@ -245,14 +261,20 @@ async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: CommitArgs) -> Result<Jo
     let frozen = frozen.into_inner();
 
     // Owned: the device and the filter (nothing taken), the nodes cut out (shared: writes,
-    // since base below them changes; no consistent reads for others), and base, which the
-    // job writes.
+    // since base below them changes; no consistent reads for others, except on the filters
+    // between the image above base and base, which show base's data: QEMU's commit_start
+    // shares consistent reads from its `filtered_base` on), and base, which the job writes.
     let mut nodes = vec![
         (Arc::clone(&r.device), Perm::NONE, Perm::ALL),
         (Arc::clone(&filter), Perm::NONE, Perm::ALL),
     ];
+    let filtered_base = base_overlay.filter_or_cow_child();
+    let mut shared = Perm::WRITE | Perm::WRITE_UNCHANGED;
     for n in chain_until(Some(Arc::clone(&top)), Some(&base)) {
-        nodes.push((n, Perm::NONE, Perm::WRITE | Perm::WRITE_UNCHANGED));
+        if filtered_base.as_ref().is_some_and(|f| Arc::ptr_eq(f, &n)) {
+            shared |= Perm::CONSISTENT_READ;
+        }
+        nodes.push((n, Perm::NONE, shared));
     }
     nodes.push((Arc::clone(&base), Perm::NONE, Perm::ALL));
     let driver = CommitJob {
@@ -311,11 +333,26 @@ pub(crate) fn attach_writer(
     id: &str,
     shared: Perm,
 ) -> Result<WriterEdge> {
+    attach_writer_with(tx, target, id, true, shared)
+}
+
+/// [`attach_writer`], taking the resize permission only if `resize`.
+pub(crate) fn attach_writer_with(
+    tx: &mut graph::Transaction<'_>,
+    target: &Arc<Node>,
+    id: &str,
+    resize: bool,
+    shared: Perm,
+) -> Result<WriterEdge> {
     let user: Arc<dyn graph::User> = Arc::new(Writer(id.to_string()));
+    let mut perm = Perm::CONSISTENT_READ | Perm::WRITE;
+    if resize {
+        perm |= Perm::RESIZE;
+    }
     let edge = tx.attach_user(
         &user,
         target,
-        Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE,
+        perm,
         Perm::CONSISTENT_READ | Perm::WRITE_UNCHANGED | shared,
     )?;
     Ok(WriterEdge { edge, _user: user })

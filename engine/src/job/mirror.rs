@@ -267,6 +267,13 @@ impl ActiveCommitJob {
             if cx.is_cancelled() {
                 return Ok(());
             }
+            // Once READY, `complete` (or a soft cancel) ends the loop now: the completion
+            // drains the guest and copies what is still dirty. Waiting for the bitmap to run
+            // empty first would hold `complete` off for as long as the guest keeps writing.
+            if ready && cx.should_complete() {
+                self.pivot = !cx.soft_cancelled();
+                return Ok(());
+            }
             let Some((off, n)) = self.bitmap.next_chunk(cursor, MAX_CHUNK) else {
                 copied = false;
                 if !ready {
