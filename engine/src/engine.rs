@@ -571,13 +571,15 @@ impl Engine {
     }
 }
 
-/// Reopens `node` and the files under it (its `file` children, recursively) in `tx`: files
+/// Reopens `node` and the files under it (its `file` children, and a filter's filtered
+/// child, recursively: a qcow2 over blkdebug over a file reopens all three) in `tx`: files
 /// first when gaining write access, last when giving it up.
 pub fn reopen_image(tx: &mut Transaction<'_>, node: &Arc<Node>, read_only: bool) -> Result<()> {
+    let is_filter = node.is_filter();
     let files: Vec<Arc<Node>> = node
         .children()
         .iter()
-        .filter(|e| e.role() == Role::File)
+        .filter(|e| e.role() == Role::File || (is_filter && e.role() == Role::Filtered))
         .map(|e| e.child())
         .collect();
     if !read_only {

@@ -426,3 +426,58 @@ fn active_commit_grows_a_shorter_base_first() {
     assert_check_clean(imgs[0].path());
     assert_eq!(qemu_content(imgs[0].path()), before);
 }
+
+#[test]
+fn reopen_goes_through_a_filter_to_the_file() {
+    if !have_qemu() {
+        return;
+    }
+    use engine::drivers::blkdebug::BlkdebugOptions;
+    use engine::drivers::file::FileOptions;
+    use engine::{BackingSpec, ChildSpec, DriverSpec, NodeSpec};
+    let imgs = make_chain("/var/tmp", "rf", 1, MIB);
+    let e = engine();
+    let name = uniq("rf");
+    let file = NodeSpec {
+        node_name: None,
+        read_only: true,
+        driver: DriverSpec::File(FileOptions::new(imgs[0].path())),
+    };
+    let dbg = NodeSpec {
+        node_name: None,
+        read_only: true,
+        driver: DriverSpec::Blkdebug {
+            image: ChildSpec::Spec(Box::new(file)),
+            opts: BlkdebugOptions::default(),
+        },
+    };
+    e.add_node(NodeSpec {
+        node_name: Some(name.clone()),
+        read_only: true,
+        driver: DriverSpec::Qcow2 {
+            file: ChildSpec::Spec(Box::new(dbg)),
+            backing: BackingSpec::None,
+            opts: Default::default(),
+        },
+    })
+    .unwrap();
+    let files = |n: &engine::Node| {
+        let d = n.file().unwrap();
+        let f = d.filtered().unwrap();
+        (d.is_read_only(), f.is_read_only())
+    };
+    let node = e.node(&name).unwrap();
+    assert_eq!(files(&node), (true, true));
+    e.reopen(&name, false).unwrap();
+    assert!(!node.is_read_only());
+    assert_eq!(
+        files(&node),
+        (false, false),
+        "filter and file reopened read-write"
+    );
+    let g = e.backend(&name, &[], BackendOptions::default()).unwrap();
+    write(&g, 0, 4096, 0x5A);
+    drop(g);
+    e.reopen(&name, true).unwrap();
+    assert_eq!(files(&node), (true, true));
+}

@@ -1147,7 +1147,6 @@ fn active_commit_grows_a_smaller_base() {
 
 /// The base opened read-only (as a backing file), so the job reopens it read-write first.
 #[test]
-#[ignore = "file driver: truncate after a read-write reopen fails with EBADF (FileDriver::read_only is set at open and never updated)"]
 fn commit_grows_a_smaller_read_only_base() {
     if have_qemu() {
         commit_into_smaller_base("short-iro", true);
@@ -1155,7 +1154,6 @@ fn commit_grows_a_smaller_read_only_base() {
 }
 
 #[test]
-#[ignore = "file driver: truncate after a read-write reopen fails with EBADF (FileDriver::read_only is set at open and never updated)"]
 fn active_commit_grows_a_smaller_read_only_base() {
     if have_qemu() {
         active_commit_into_smaller_base("short-aro", true);

@@ -623,9 +623,8 @@ impl FileDriver {
                 ),
             ));
         }
-        if self.read_only {
-            return Err(io::Error::from_raw_os_error(libc::EBADF));
-        }
+        // Write access is the node's to check (it may have been reopened read-write since
+        // the file was opened read-only); a read-only descriptor fails ftruncate anyway.
         if self.is_blockdev {
             return Err(io::Error::new(
                 io::ErrorKind::Unsupported,
