@@ -8,6 +8,7 @@ mod bench;
 mod create;
 mod imgcli;
 mod info;
+mod jobcli;
 
 use clap::error::ErrorKind;
 use clap::{Parser, Subcommand};
@@ -28,6 +29,10 @@ enum Command {
     Create(create::CreateArgs),
     /// Show what an image is (as qemu-img info).
     Info(info::InfoArgs),
+    /// Copy the data of an image's backing chain into it (block-stream on an image at rest).
+    Stream(jobcli::StreamArgs),
+    /// Commit an image's data into its backing chain (as qemu-img commit).
+    Commit(jobcli::CommitArgs),
 }
 
 fn main() {
@@ -42,6 +47,8 @@ fn main() {
         Command::Bench(args) => bench::main(*args, argv),
         Command::Create(args) => create::main(args),
         Command::Info(args) => info::main(args),
+        Command::Stream(args) => jobcli::stream_main(args),
+        Command::Commit(args) => jobcli::commit_main(args),
     };
     std::process::exit(code);
 }
@@ -56,11 +63,13 @@ fn usage_error(e: &clap::Error, argv: &[String]) -> i32 {
         Some("bench") => "strata bench",
         Some("create") => "strata create",
         Some("info") => "strata info",
+        Some("stream") => "strata stream",
+        Some("commit") => "strata commit",
         _ => "strata",
     };
     if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {
         eprintln!(
-            "{prog}: error: a subcommand is required (bench, create, info); see '{prog} --help'"
+            "{prog}: error: a subcommand is required (bench, create, info, stream, commit); see '{prog} --help'"
         );
         return 1;
     }
