@@ -69,6 +69,14 @@ pub enum DriverSpec {
         /// Options.
         opts: Qcow2Options,
     },
+    /// `copy-on-read` over `file`: reads of data below `file` (down to `bottom`, a node
+    /// name) are copied into `file`.
+    CopyOnRead {
+        /// The filtered child.
+        file: ChildSpec,
+        /// The lowest node whose data is copied (None: all of the chain).
+        bottom: Option<String>,
+    },
     /// `blkdebug` over `image`.
     Blkdebug {
         /// The filtered child.
@@ -184,6 +192,27 @@ fn open_spec<'a>(
                 )?;
                 ctx.transaction(|tx| tx.attach_child(&node, &child, Role::Filtered).map(drop))?;
                 Ok(node)
+            }
+            DriverSpec::CopyOnRead { file, bottom } => {
+                let child = child_node(ctx, file).await?;
+                let bottom = bottom.as_deref().map(lookup).transpose()?;
+                if let Some(b) = &bottom {
+                    if !Arc::ptr_eq(b, &child) && !child.reaches(b) {
+                        return Err(Error::new(
+                            ErrorKind::InvalidArgument,
+                            format!(
+                                "Bottom node '{}' is not a descendant of '{}'",
+                                b.name(),
+                                child.name()
+                            ),
+                        ));
+                    }
+                }
+                let opts = crate::drivers::cor::CorOptions {
+                    bottom,
+                    ..Default::default()
+                };
+                crate::drivers::cor::open(name.as_deref(), &child, opts)
             }
             DriverSpec::Raw { file, opts } => {
                 let file = child_node(ctx, file).await?;
