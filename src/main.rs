@@ -6,6 +6,7 @@
 
 mod bench;
 mod create;
+mod daemon;
 mod imgcli;
 mod info;
 mod jobcli;
@@ -33,6 +34,8 @@ enum Command {
     Stream(jobcli::StreamArgs),
     /// Commit an image's data into its backing chain (as qemu-img commit).
     Commit(jobcli::CommitArgs),
+    /// Serve QMP (qemu-storage-daemon's command line and commands).
+    Daemon(daemon::DaemonArgs),
 }
 
 fn main() {
@@ -49,6 +52,7 @@ fn main() {
         Command::Info(args) => info::main(args),
         Command::Stream(args) => jobcli::stream_main(args),
         Command::Commit(args) => jobcli::commit_main(args),
+        Command::Daemon(args) => daemon::main(args),
     };
     std::process::exit(code);
 }
@@ -65,6 +69,7 @@ fn usage_error(e: &clap::Error, argv: &[String]) -> i32 {
         Some("info") => "strata info",
         Some("stream") => "strata stream",
         Some("commit") => "strata commit",
+        Some("daemon") => "strata daemon",
         _ => "strata",
     };
     if e.kind() == ErrorKind::DisplayHelpOnMissingArgumentOrSubcommand {

@@ -642,14 +642,26 @@ pub async fn reopen_drained(ctx: &ChangeCtx, node: &Arc<Node>, read_only: bool) 
     ctx.transaction(|tx| reopen_image(tx, node, read_only))
 }
 
-impl Drop for Engine {
-    fn drop(&mut self) {
-        // Flush first (the closes below may run on another engine's controller in a process
-        // that has several), then let go of the owned nodes while the controller still runs,
-        // so their closes run before the IoThreads stop.
+impl Engine {
+    /// Cancels every job, flushes every owned node, and lets go of them: when it returns,
+    /// every node no one else holds is closed and its image locks are released (a daemon's
+    /// orderly shutdown). The engine stays usable.
+    pub fn close_all(&self) {
         self.jobs.cancel_all_sync();
         let _ = self.flush_all();
         let owned = std::mem::take(&mut *self.owned.lock());
         drop(owned);
+        // A change starts only once every pending close has ended: an empty one is the wait.
+        let _ = self
+            .controller
+            .change_blocking(|_ctx| async move { Ok(()) });
+    }
+}
+
+impl Drop for Engine {
+    fn drop(&mut self) {
+        // Let go of the owned nodes while the controller still runs, so their closes run
+        // before the IoThreads stop.
+        self.close_all();
     }
 }

@@ -352,6 +352,11 @@ impl FileDriver {
         self.read_only
     }
 
+    /// The cache mode it was opened with: (`cache.direct`, `cache.no-flush`).
+    pub fn cache_mode(&self) -> (bool, bool) {
+        (self.direct_flag, self.no_flush)
+    }
+
     /// The path the file was opened from.
     pub fn path(&self) -> &str {
         &self.path

@@ -1,0 +1,797 @@
+//! The QMP commands `strata daemon` implements, with QEMU's argument names, defaults, reply
+//! shapes and error texts, each mapped onto the engine's typed API. Commands run one at a
+//! time under the monitor lock, as in QEMU's monitor.
+
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use engine::drivers::blkdebug::{BlkdebugOptions, ErrorRule, IoType};
+use engine::drivers::file::{Aio, Discard, FileDriver, FileOptions, Locking};
+use engine::drivers::null::NullOptions;
+use engine::drivers::qcow2::Qcow2Driver;
+use engine::drivers::raw::RawOptions;
+use engine::job::commit::CommitArgs;
+use engine::job::stream::StreamArgs;
+use engine::job::{IoOp, Job, JobEvent, JobEventKind, JobInfo, OnError};
+use engine::{BackingSpec, ChildSpec, DriverSpec, Engine, Node, NodeSpec};
+use parking_lot::Mutex;
+use serde_json::{json, Map, Value};
+
+use super::args::Args;
+use super::qmp::{event, ClientOut, Handler, QmpError};
+
+/// Every command, as query-commands lists them.
+pub const COMMANDS: &[&str] = &[
+    "qmp_capabilities",
+    "query-version",
+    "query-commands",
+    "quit",
+    "blockdev-add",
+    "blockdev-del",
+    "blockdev-snapshot",
+    "query-named-block-nodes",
+    "query-blockstats",
+    "block-stream",
+    "block-commit",
+    "block-job-set-speed",
+    "block-job-pause",
+    "block-job-resume",
+    "block-job-cancel",
+    "block-job-complete",
+    "block-job-finalize",
+    "block-job-dismiss",
+    "job-pause",
+    "job-resume",
+    "job-cancel",
+    "job-complete",
+    "job-finalize",
+    "job-dismiss",
+    "query-block-jobs",
+    "query-jobs",
+];
+
+/// The monitor: the engine and the clients that receive events.
+pub struct Monitor {
+    /// The engine the commands drive.
+    pub engine: Engine,
+    /// One command at a time.
+    lock: Mutex<()>,
+    clients: Mutex<Vec<Arc<ClientOut>>>,
+    /// Set by `quit`; the daemon's main thread waits for it.
+    pub quit: std::sync::mpsc::SyncSender<()>,
+}
+
+impl Monitor {
+    /// A monitor over `engine`; `quit` is signalled by the `quit` command.
+    pub fn new(engine: Engine, quit: std::sync::mpsc::SyncSender<()>) -> Monitor {
+        Monitor {
+            engine,
+            lock: Mutex::new(()),
+            clients: Mutex::new(Vec::new()),
+            quit,
+        }
+    }
+
+    /// Sends an event to every negotiated client; forgets the dead ones.
+    pub fn broadcast(&self, msg: &Value) {
+        let clients: Vec<Arc<ClientOut>> = {
+            let mut c = self.clients.lock();
+            c.retain(|c| !c.dead.load(Ordering::Acquire));
+            c.clone()
+        };
+        for c in clients {
+            if c.negotiated.load(Ordering::Acquire) {
+                c.send(msg);
+            }
+        }
+    }
+
+    /// Turns job events into QMP events, until the engine goes.
+    pub fn forward_events(&self, events: engine::job::JobEvents) {
+        while let Ok(ev) = events.recv() {
+            for msg in qmp_events(&ev) {
+                self.broadcast(&msg);
+            }
+        }
+    }
+
+    /// Runs a blockdev-add given as JSON (QMP, or the `--blockdev` launch option).
+    pub fn blockdev_add(&self, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let _g = self.lock.lock();
+        self.cmd_blockdev_add(Args::new(args))
+    }
+}
+
+/// The QMP events of one job event.
+pub fn qmp_events(ev: &JobEvent) -> Vec<Value> {
+    let at = ev.at;
+    let one = |name: &str, data: Value| vec![event(name, data, at)];
+    match &ev.kind {
+        JobEventKind::StatusChange { id, status } => one(
+            "JOB_STATUS_CHANGE",
+            json!({"status": status.as_str(), "id": id}),
+        ),
+        JobEventKind::Ready {
+            id,
+            kind,
+            len,
+            offset,
+            speed,
+        } => one(
+            "BLOCK_JOB_READY",
+            json!({"device": id, "len": len, "offset": offset, "speed": speed,
+                   "type": kind.as_str()}),
+        ),
+        JobEventKind::Pending { id, kind } => one(
+            "BLOCK_JOB_PENDING",
+            json!({"type": kind.as_str(), "id": id}),
+        ),
+        JobEventKind::Completed {
+            id,
+            kind,
+            len,
+            offset,
+            speed,
+            error,
+        } => {
+            let mut data = json!({"device": id, "len": len, "offset": offset, "speed": speed,
+                                  "type": kind.as_str()});
+            if let Some(e) = error {
+                data["error"] = json!(e);
+            }
+            one("BLOCK_JOB_COMPLETED", data)
+        }
+        JobEventKind::Cancelled {
+            id,
+            kind,
+            len,
+            offset,
+            speed,
+        } => one(
+            "BLOCK_JOB_CANCELLED",
+            json!({"device": id, "len": len, "offset": offset, "speed": speed,
+                   "type": kind.as_str()}),
+        ),
+        JobEventKind::Error {
+            id,
+            operation,
+            action,
+        } => one(
+            "BLOCK_JOB_ERROR",
+            json!({"device": id, "operation": match operation {
+                IoOp::Read => "read",
+                IoOp::Write => "write",
+            }, "action": action.as_str()}),
+        ),
+    }
+}
+
+impl Handler for Monitor {
+    fn greeting(&self) -> Value {
+        json!({"version": version(), "capabilities": []})
+    }
+
+    fn execute(&self, name: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+        let _g = self.lock.lock();
+        let a = Args::new(args);
+        match name {
+            "query-version" => {
+                a.finish()?;
+                Ok(version())
+            }
+            "query-commands" => {
+                a.finish()?;
+                Ok(Value::Array(
+                    COMMANDS.iter().map(|c| json!({"name": c})).collect(),
+                ))
+            }
+            "quit" => {
+                a.finish()?;
+                let _ = self.quit.try_send(());
+                Ok(json!({}))
+            }
+            "blockdev-add" => self.cmd_blockdev_add(a),
+            "blockdev-del" => self.cmd_blockdev_del(a),
+            "blockdev-snapshot" => self.cmd_blockdev_snapshot(a),
+            "query-named-block-nodes" => self.cmd_query_named_block_nodes(a),
+            "query-blockstats" => self.cmd_query_blockstats(a),
+            "block-stream" => self.cmd_block_stream(a),
+            "block-commit" => self.cmd_block_commit(a),
+            "block-job-set-speed" => {
+                let mut a = a;
+                let device = a.str("device")?;
+                let speed = a.int("speed")?;
+                a.finish()?;
+                block_job(&self.engine, &device)?.set_speed(speed)?;
+                Ok(json!({}))
+            }
+            "block-job-pause" => self.block_job_verb(a, "device", |j| j.user_pause()),
+            "block-job-resume" => self.block_job_verb(a, "device", |j| j.user_resume()),
+            "block-job-complete" => self.block_job_verb(a, "device", |j| j.complete()),
+            "block-job-finalize" => self.block_job_verb(a, "id", |j| j.finalize()),
+            "block-job-dismiss" => self.block_job_verb(a, "id", |j| j.dismiss()),
+            "block-job-cancel" => {
+                let mut a = a;
+                let device = a.str("device")?;
+                let force = a.opt_bool("force")?.unwrap_or(false);
+                a.finish()?;
+                let job = block_job(&self.engine, &device)?;
+                if job.info().paused && !force && user_paused(&job) {
+                    return Err(QmpError::generic(format!(
+                        "The block job for device '{device}' is currently paused"
+                    )));
+                }
+                job.cancel(force)?;
+                Ok(json!({}))
+            }
+            "job-pause" => self.job_verb(a, |j| j.user_pause()),
+            "job-resume" => self.job_verb(a, |j| j.user_resume()),
+            "job-complete" => self.job_verb(a, |j| j.complete()),
+            "job-finalize" => self.job_verb(a, |j| j.finalize()),
+            "job-dismiss" => self.job_verb(a, |j| j.dismiss()),
+            "job-cancel" => self.job_verb(a, |j| j.cancel(true)),
+            "query-block-jobs" => {
+                a.finish()?;
+                Ok(Value::Array(
+                    self.engine
+                        .jobs()
+                        .list()
+                        .iter()
+                        .map(|j| block_job_info(&j.info()))
+                        .collect(),
+                ))
+            }
+            "query-jobs" => {
+                a.finish()?;
+                Ok(Value::Array(
+                    self.engine
+                        .jobs()
+                        .list()
+                        .iter()
+                        .map(|j| job_info(&j.info()))
+                        .collect(),
+                ))
+            }
+            "qmp_capabilities" => unreachable!("handled by the server"),
+            other => Err(QmpError::with_class(
+                "CommandNotFound",
+                format!("The command {other} has not been found"),
+            )),
+        }
+    }
+
+    fn add_client(&self, c: Arc<ClientOut>) {
+        self.clients.lock().push(c);
+    }
+}
+
+/// The version strata's QMP dialect follows (QEMU's, whose commands and texts it speaks),
+/// with strata's own version as the package.
+fn version() -> Value {
+    json!({"qemu": {"major": 10, "minor": 0, "micro": 2},
+           "package": format!("strata {}", env!("CARGO_PKG_VERSION"))})
+}
+
+fn user_paused(job: &Job) -> bool {
+    job.info().paused && job.info().io_status == engine::job::IoStatus::Ok
+}
+
+/// A block job by id (QEMU's find_block_job: DeviceNotActive).
+fn block_job(e: &Engine, id: &str) -> Result<Arc<Job>, QmpError> {
+    e.jobs()
+        .get(id)
+        .map_err(|_| QmpError::with_class("DeviceNotActive", format!("Block job '{id}' not found")))
+}
+
+fn block_job_info(i: &JobInfo) -> Value {
+    let mut v = json!({
+        "auto-finalize": i.auto_finalize,
+        "io-status": i.io_status.as_str(),
+        "device": i.id,
+        "auto-dismiss": i.auto_dismiss,
+        "busy": i.busy,
+        "len": i.total_progress,
+        "offset": i.current_progress,
+        "status": i.status.as_str(),
+        "paused": i.paused,
+        "speed": i.speed,
+        "ready": i.ready,
+        "type": i.kind.as_str(),
+    });
+    if let Some(e) = &i.error {
+        v["error"] = json!(e);
+    }
+    v
+}
+
+fn job_info(i: &JobInfo) -> Value {
+    let mut v = json!({
+        "current-progress": i.current_progress,
+        "status": i.status.as_str(),
+        "total-progress": i.total_progress,
+        "type": i.kind.as_str(),
+        "id": i.id,
+    });
+    if let Some(e) = &i.error {
+        v["error"] = json!(e);
+    }
+    v
+}
+
+const ON_ERROR: &[(&str, OnError)] = &[
+    ("report", OnError::Report),
+    ("ignore", OnError::Ignore),
+    ("stop", OnError::Stop),
+    ("enospc", OnError::Enospc),
+];
+
+impl Monitor {
+    fn block_job_verb(
+        &self,
+        mut a: Args,
+        key: &str,
+        f: impl FnOnce(&Arc<Job>) -> engine::Result<()>,
+    ) -> Result<Value, QmpError> {
+        let id = a.str(key)?;
+        a.finish()?;
+        f(&block_job(&self.engine, &id)?)?;
+        Ok(json!({}))
+    }
+
+    fn job_verb(
+        &self,
+        mut a: Args,
+        f: impl FnOnce(&Arc<Job>) -> engine::Result<()>,
+    ) -> Result<Value, QmpError> {
+        let id = a.str("id")?;
+        a.finish()?;
+        let job = self
+            .engine
+            .jobs()
+            .get(&id)
+            .map_err(|_| QmpError::generic("Job not found"))?;
+        f(&job)?;
+        Ok(json!({}))
+    }
+
+    fn cmd_block_stream(&self, mut a: Args) -> Result<Value, QmpError> {
+        let device = a.str("device")?;
+        let mut s = StreamArgs::new(&device);
+        s.job_id = a.opt_str("job-id")?;
+        s.base = a.opt_str("base")?;
+        s.base_node = a.opt_str("base-node")?;
+        s.backing_file = a.opt_str("backing-file")?;
+        let _mask = a.opt_bool("backing-mask-protocol")?;
+        s.bottom = a.opt_str("bottom")?;
+        if let Some(v) = a.opt_int("speed")? {
+            s.speed = v;
+        }
+        if let Some(v) = a.opt_enum("on-error", ON_ERROR)? {
+            s.on_error = v;
+        }
+        s.filter_node_name = a.opt_str("filter-node-name")?;
+        if let Some(v) = a.opt_bool("auto-finalize")? {
+            s.auto_finalize = v;
+        }
+        if let Some(v) = a.opt_bool("auto-dismiss")? {
+            s.auto_dismiss = v;
+        }
+        a.finish()?;
+        self.engine.stream(s)?;
+        Ok(json!({}))
+    }
+
+    fn cmd_block_commit(&self, mut a: Args) -> Result<Value, QmpError> {
+        let device = a.str("device")?;
+        let mut c = CommitArgs::new(&device);
+        c.job_id = a.opt_str("job-id")?;
+        c.base_node = a.opt_str("base-node")?;
+        c.base = a.opt_str("base")?;
+        c.top_node = a.opt_str("top-node")?;
+        c.top = a.opt_str("top")?;
+        c.backing_file = a.opt_str("backing-file")?;
+        let _mask = a.opt_bool("backing-mask-protocol")?;
+        if let Some(v) = a.opt_int("speed")? {
+            c.speed = v;
+        }
+        if let Some(v) = a.opt_enum("on-error", ON_ERROR)? {
+            c.on_error = v;
+        }
+        c.filter_node_name = a.opt_str("filter-node-name")?;
+        if let Some(v) = a.opt_bool("auto-finalize")? {
+            c.auto_finalize = v;
+        }
+        if let Some(v) = a.opt_bool("auto-dismiss")? {
+            c.auto_dismiss = v;
+        }
+        a.finish()?;
+        self.engine.commit(c)?;
+        Ok(json!({}))
+    }
+
+    fn cmd_blockdev_snapshot(&self, mut a: Args) -> Result<Value, QmpError> {
+        let node = a.str("node")?;
+        let overlay = a.str("overlay")?;
+        a.finish()?;
+        self.engine.snapshot(&node, &overlay)?;
+        Ok(json!({}))
+    }
+
+    fn cmd_blockdev_del(&self, mut a: Args) -> Result<Value, QmpError> {
+        let name = a.str("node-name")?;
+        a.finish()?;
+        self.engine.del_node(&name)?;
+        Ok(json!({}))
+    }
+
+    fn cmd_blockdev_add(&self, mut a: Args) -> Result<Value, QmpError> {
+        if !a.has("node-name") {
+            if !a.has("driver") {
+                return Err(QmpError::generic("Parameter 'driver' is missing"));
+            }
+            return Err(QmpError::generic(
+                "'node-name' must be specified for the root node",
+            ));
+        }
+        let spec = node_spec(&mut a, &Inherited::default())?;
+        a.finish()?;
+        self.engine.add_node(spec)?;
+        Ok(json!({}))
+    }
+
+    fn cmd_query_named_block_nodes(&self, mut a: Args) -> Result<Value, QmpError> {
+        let flat = a.opt_bool("flat")?.unwrap_or(false);
+        a.finish()?;
+        let mut nodes = graph::all_nodes();
+        nodes.sort_by(|x, y| x.name().cmp(y.name()));
+        Ok(Value::Array(
+            nodes.iter().map(|n| block_device_info(n, flat)).collect(),
+        ))
+    }
+
+    fn cmd_query_blockstats(&self, mut a: Args) -> Result<Value, QmpError> {
+        let query_nodes = a.opt_bool("query-nodes")?.unwrap_or(false);
+        a.finish()?;
+        if !query_nodes {
+            // No devices: only nodes have statistics here.
+            return Ok(json!([]));
+        }
+        let mut nodes = graph::all_nodes();
+        nodes.sort_by(|x, y| x.name().cmp(y.name()));
+        Ok(Value::Array(
+            nodes
+                .iter()
+                .map(|n| {
+                    let s = n.stats();
+                    json!({
+                        "node-name": n.name(),
+                        "stats": {
+                            "rd_operations": s.rd_ops,
+                            "rd_bytes": s.rd_bytes,
+                            "wr_operations": s.wr_ops,
+                            "wr_bytes": s.wr_bytes,
+                            "flush_operations": s.flush_ops,
+                            "unmap_operations": s.discard_ops,
+                            "failed_rd_operations": 0,
+                            "failed_wr_operations": s.failed_ops,
+                        }
+                    })
+                })
+                .collect(),
+        ))
+    }
+}
+
+/// What an inline child takes from its parent unless it says otherwise (QEMU's option
+/// inheritance for `read-only`, `cache.*`).
+#[derive(Default, Clone)]
+struct Inherited {
+    read_only: bool,
+    direct: Option<bool>,
+    no_flush: Option<bool>,
+}
+
+/// A child given as a node name or an inline spec.
+fn child(a: &mut Args, key: &str, inh: &Inherited) -> Result<Option<ChildSpec>, QmpError> {
+    match a.take(key) {
+        None => Ok(None),
+        Some(Value::String(s)) => Ok(Some(ChildSpec::Name(s))),
+        Some(Value::Object(m)) => {
+            let mut sub = Args::new(m);
+            let spec = node_spec(&mut sub, inh)?;
+            sub.finish()?;
+            Ok(Some(ChildSpec::Spec(Box::new(spec))))
+        }
+        Some(_) => Err(QmpError::generic(format!(
+            "Invalid parameter type for '{key}', expected: BlockdevRef"
+        ))),
+    }
+}
+
+fn required_child(a: &mut Args, key: &str, inh: &Inherited) -> Result<ChildSpec, QmpError> {
+    child(a, key, inh)?.ok_or_else(|| QmpError::generic(format!("Parameter '{key}' is missing")))
+}
+
+/// BlockdevOptions as a node spec.
+fn node_spec(a: &mut Args, parent: &Inherited) -> Result<NodeSpec, QmpError> {
+    let driver = a.str("driver")?;
+    let node_name = a.opt_str("node-name")?;
+    let read_only = a.opt_bool("read-only")?.unwrap_or(parent.read_only);
+    let auto_read_only = a.opt_bool("auto-read-only")?.unwrap_or(false);
+    let mut inh = Inherited {
+        read_only,
+        ..parent.clone()
+    };
+    if let Some(mut c) = a.object("cache")? {
+        if let Some(d) = c.opt_bool("direct")? {
+            inh.direct = Some(d);
+        }
+        if let Some(n) = c.opt_bool("no-flush")? {
+            inh.no_flush = Some(n);
+        }
+        c.finish()?;
+    }
+    let discard = a.opt_enum(
+        "discard",
+        &[
+            ("ignore", Discard::Ignore),
+            ("off", Discard::Ignore),
+            ("unmap", Discard::Unmap),
+            ("on", Discard::Unmap),
+        ],
+    )?;
+    let _detect_zeroes = a.opt_enum("detect-zeroes", &[("off", ())])?;
+    let _force_share = a.opt_bool("force-share")?;
+    let driver = match driver.as_str() {
+        "file" | "host_device" => {
+            let filename = a.str("filename")?;
+            let mut o = FileOptions::new(PathBuf::from(filename));
+            o.read_only = read_only;
+            o.auto_read_only = auto_read_only;
+            o.direct = inh.direct.unwrap_or(false);
+            o.no_flush = inh.no_flush.unwrap_or(false);
+            o.discard = discard.unwrap_or_default();
+            if let Some(aio) = a.opt_enum(
+                "aio",
+                &[
+                    ("threads", Aio::Inline),
+                    ("native", Aio::IoUring),
+                    ("io_uring", Aio::IoUring),
+                ],
+            )? {
+                o.aio = aio;
+            }
+            if let Some(l) = a.opt_enum(
+                "locking",
+                &[
+                    ("auto", Locking::Auto),
+                    ("on", Locking::On),
+                    ("off", Locking::Off),
+                ],
+            )? {
+                o.locking = l;
+            }
+            DriverSpec::File(o)
+        }
+        "null-co" => {
+            let mut o = NullOptions::default();
+            if let Some(s) = a.opt_size("size")? {
+                o.size = s;
+            }
+            if let Some(z) = a.opt_bool("read-zeroes")? {
+                o.read_zeroes = z;
+            }
+            if let Some(l) = a.opt_size("latency-ns")? {
+                o.latency_ns = l;
+            }
+            DriverSpec::Null(o)
+        }
+        "raw" => {
+            let file = required_child(a, "file", &inh)?;
+            let opts = RawOptions {
+                offset: a.opt_size("offset")?.unwrap_or(0),
+                size: a.opt_size("size")?,
+            };
+            DriverSpec::Raw { file, opts }
+        }
+        "qcow2" => {
+            let file = required_child(a, "file", &inh)?;
+            let backing_inh = Inherited {
+                read_only: true,
+                ..inh.clone()
+            };
+            let backing = match a.take("backing") {
+                None => BackingSpec::Default,
+                Some(Value::Null) => BackingSpec::None,
+                Some(Value::String(s)) => BackingSpec::Node(ChildSpec::Name(s)),
+                Some(Value::Object(m)) => {
+                    let mut sub = Args::new(m);
+                    let spec = node_spec(&mut sub, &backing_inh)?;
+                    sub.finish()?;
+                    BackingSpec::Node(ChildSpec::Spec(Box::new(spec)))
+                }
+                Some(_) => {
+                    return Err(QmpError::generic(
+                        "Invalid parameter type for 'backing', expected: BlockdevRefOrNull",
+                    ))
+                }
+            };
+            let mut opts = engine::drivers::qcow2::Qcow2Options {
+                read_only,
+                ..Default::default()
+            };
+            if let Some(c) = a.opt_size("cache-size")? {
+                opts.cache_size = c;
+            }
+            DriverSpec::Qcow2 {
+                file,
+                backing,
+                opts,
+            }
+        }
+        "copy-on-read" => {
+            let file = required_child(a, "file", &inh)?;
+            let bottom = a.opt_str("bottom")?;
+            DriverSpec::CopyOnRead { file, bottom }
+        }
+        "blkdebug" => {
+            let image = required_child(a, "image", &inh)?;
+            let mut opts = BlkdebugOptions::default();
+            if let Some(v) = a.take("inject-error") {
+                opts.inject_error = inject_errors(v)?;
+            }
+            if a.has("config") {
+                return Err(QmpError::generic(
+                    "blkdebug: 'config' files are not supported; use 'inject-error'",
+                ));
+            }
+            DriverSpec::Blkdebug { image, opts }
+        }
+        other => {
+            return Err(QmpError::generic(format!(
+                "Parameter 'driver' does not accept value '{other}'"
+            )))
+        }
+    };
+    Ok(NodeSpec {
+        node_name,
+        read_only,
+        driver,
+    })
+}
+
+/// blkdebug's `inject-error` list (event, errno, sector, once; `immediately` accepted).
+fn inject_errors(v: Value) -> Result<Vec<ErrorRule>, QmpError> {
+    let Value::Array(items) = v else {
+        return Err(QmpError::generic(
+            "Invalid parameter type for 'inject-error', expected: array",
+        ));
+    };
+    let mut rules = Vec::new();
+    for item in items {
+        let Value::Object(m) = item else {
+            return Err(QmpError::generic(
+                "Invalid parameter type for 'inject-error[0]', expected: object",
+            ));
+        };
+        let mut r = Args::new(m);
+        let event = r.str("event")?;
+        let iotype = match event.as_str() {
+            "read_aio" => IoType::Read,
+            "write_aio" => IoType::Write,
+            "flush_to_disk" | "flush_to_os" => IoType::Flush,
+            "pwritev_zero" => IoType::WriteZeroes,
+            "discard" => IoType::Discard,
+            e => {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'event' does not accept value '{e}'"
+                )))
+            }
+        };
+        let errno = r.opt_int("errno")?.unwrap_or(libc::EIO as i64) as i32;
+        let sector = r.opt_int("sector")?;
+        let once = r.opt_bool("once")?.unwrap_or(false);
+        let _immediately = r.opt_bool("immediately")?;
+        let _state = r.opt_int("state")?;
+        let _iotype = r.take("iotype");
+        r.finish()?;
+        rules.push(ErrorRule {
+            iotype,
+            errno,
+            range: sector.filter(|&s| s >= 0).map(|s| (s as u64 * 512, 512)),
+            once,
+        });
+    }
+    Ok(rules)
+}
+
+/// The file name QEMU shows for a node.
+fn node_filename(n: &Arc<Node>) -> String {
+    if n.driver_name() == "null-co" {
+        return "null-co://".into();
+    }
+    engine::job::chain::image_filename(n).unwrap_or_default()
+}
+
+/// ImageInfo (recursive over the backing chain).
+fn image_info(n: &Arc<Node>) -> Value {
+    let mut v = json!({
+        "virtual-size": n.len(),
+        "filename": node_filename(n),
+        "format": n.driver_name(),
+        "dirty-flag": false,
+    });
+    if let Some(size) = actual_size(n) {
+        v["actual-size"] = json!(size);
+    }
+    if let Some(q) = n.driver_as::<Qcow2Driver>() {
+        v["cluster-size"] = json!(q.cluster_size());
+        if let (Some(b), fmt) = q.backing_name() {
+            v["backing-filename"] = json!(b);
+            v["full-backing-filename"] = json!(b);
+            if let Some(f) = fmt {
+                v["backing-filename-format"] = json!(f);
+            }
+        }
+    }
+    if let Some(b) = n.backing() {
+        v["backing-image"] = image_info(&b);
+    }
+    v
+}
+
+/// The file node under `n` (itself if it is one), past filters.
+fn file_node(n: &Arc<Node>) -> Option<Arc<Node>> {
+    let f = n.skip_filters();
+    if f.driver_as::<FileDriver>().is_some() {
+        return Some(f);
+    }
+    let c = f.file()?.skip_filters();
+    c.driver_as::<FileDriver>().is_some().then_some(c)
+}
+
+fn actual_size(n: &Arc<Node>) -> Option<u64> {
+    use std::os::unix::fs::MetadataExt;
+    let f = file_node(n)?;
+    let path = f.driver_as::<FileDriver>()?.path().to_string();
+    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
+}
+
+/// BlockDeviceInfo, as query-named-block-nodes shows a node.
+fn block_device_info(n: &Arc<Node>, flat: bool) -> Value {
+    let mut depth = 0;
+    let mut b = n.backing();
+    while let Some(x) = b {
+        depth += 1;
+        b = x.backing();
+    }
+    let cache = file_node(n)
+        .and_then(|f| f.driver_as::<FileDriver>().map(|d| d.cache_mode()))
+        .unwrap_or((false, false));
+    let mut image = image_info(n);
+    if flat {
+        if let Value::Object(m) = &mut image {
+            m.remove("backing-image");
+        }
+    }
+    let mut v = json!({
+        "iops_rd": 0, "detect_zeroes": "off", "iops": 0, "iops_wr": 0,
+        "bps": 0, "bps_rd": 0, "bps_wr": 0, "write_threshold": 0,
+        "encrypted": false,
+        "ro": n.is_read_only(),
+        "drv": n.driver_name(),
+        "node-name": n.name(),
+        "backing_file_depth": depth,
+        "file": node_filename(n),
+        "active": true,
+        "cache": {"writeback": true, "direct": cache.0, "no-flush": cache.1},
+        "image": image,
+    });
+    if let Some(q) = n.driver_as::<Qcow2Driver>() {
+        if let (Some(bf), _) = q.backing_name() {
+            v["backing_file"] = json!(bf);
+        }
+    }
+    v
+}
