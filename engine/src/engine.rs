@@ -22,6 +22,7 @@ use crate::drivers::qcow2::{self, Qcow2Options};
 use crate::drivers::raw::{self, RawOptions};
 use crate::image;
 use crate::job::commit::CommitArgs;
+use crate::job::create::CreateArgs;
 use crate::job::stream::StreamArgs;
 use crate::job::{Job, JobManager};
 
@@ -123,6 +124,8 @@ pub struct Engine {
     controller: Controller,
     owned: Arc<Mutex<BTreeMap<String, Arc<Node>>>>,
     iothreads: Vec<IoThread>,
+    /// IoThreads nodes were moved to (x-blockdev-set-iothread): jobs on them run there.
+    homes: Mutex<BTreeMap<String, IoThreadHandle>>,
 }
 
 fn not_found(name: &str) -> Error {
@@ -322,6 +325,7 @@ impl Engine {
             controller,
             owned: Arc::new(Mutex::new(BTreeMap::new())),
             iothreads,
+            homes: Mutex::new(BTreeMap::new()),
         })
     }
 
@@ -332,13 +336,83 @@ impl Engine {
 
     /// Starts a `block-stream` job (on IoThread 0).
     pub fn stream(&self, args: StreamArgs) -> Result<Arc<Job>> {
-        crate::job::stream::start(&self.jobs, self.iothreads[0].handle(), args)
+        let io = self.job_thread(&args.device);
+        crate::job::stream::start(&self.jobs, io, args)
     }
 
     /// Starts a `block-commit` job (on IoThread 0): intermediate, or active when top is the
     /// device.
     pub fn commit(&self, args: CommitArgs) -> Result<Arc<Job>> {
-        crate::job::commit::start(&self.jobs, self.iothreads[0].handle(), args)
+        let io = self.job_thread(&args.device);
+        crate::job::commit::start(&self.jobs, io, args)
+    }
+
+    /// The IoThread a job on `device` runs on: the one the node was moved to, else IoThread 0.
+    fn job_thread(&self, device: &str) -> IoThreadHandle {
+        self.homes
+            .lock()
+            .get(device)
+            .cloned()
+            .unwrap_or_else(|| self.iothreads[0].handle())
+    }
+
+    /// Starts another IoThread for this engine (QMP's `object-add iothread`): nodes opened on
+    /// it close through this engine. The caller owns it, and shuts it down when done.
+    pub fn new_iothread(&self, name: &str) -> Result<IoThread> {
+        let t = IoThread::with_options(IoThreadOptions {
+            name: Some(name.to_string()),
+            ..Default::default()
+        })
+        .map_err(|e| Error::new(ErrorKind::Unsupported, e.to_string()))?;
+        let closer = self.controller.closer();
+        let _ = t
+            .handle()
+            .block_on(move || async move { graph::set_thread_closer(Some(closer)) });
+        Ok(t)
+    }
+
+    /// Moves `node` to IoThread `io` (None: back to the default), as QMP's
+    /// `x-blockdev-set-iothread` does. strata's nodes take requests from any IoThread, so
+    /// what moves is where jobs started on the node run. A node a user attached to (a guest
+    /// backend, an export) is refused unless `force`, with QEMU's text.
+    pub fn set_node_iothread(
+        &self,
+        node: &str,
+        io: Option<IoThreadHandle>,
+        force: bool,
+    ) -> Result<()> {
+        let n = lookup(node)?;
+        if n.parents().iter().any(|e| e.parent().node().is_some()) {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!("Node {node} is not a root node"),
+            ));
+        }
+        if !force && n.parents().iter().any(|e| e.role() == Role::Root) {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!(
+                    "Node {node} is associated with a BlockBackend and could be in use (use \
+                     force=true to override this check)"
+                ),
+            ));
+        }
+        let mut homes = self.homes.lock();
+        match io {
+            Some(h) => homes.insert(node.to_string(), h),
+            None => homes.remove(node),
+        };
+        Ok(())
+    }
+
+    /// Whether a node was moved to IoThread `index` (it cannot go while one is).
+    pub fn iothread_in_use(&self, index: usize) -> bool {
+        self.homes.lock().values().any(|h| h.index() == index)
+    }
+
+    /// Starts a `blockdev-create` job (on IoThread 0): see [`crate::job::create`].
+    pub fn create_image(&self, args: CreateArgs) -> Result<Arc<Job>> {
+        crate::job::create::start(&self.jobs, self.iothreads[0].handle(), args)
     }
 
     /// The controller.

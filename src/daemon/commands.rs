@@ -12,8 +12,9 @@ use engine::drivers::null::NullOptions;
 use engine::drivers::qcow2::Qcow2Driver;
 use engine::drivers::raw::RawOptions;
 use engine::job::commit::CommitArgs;
+use engine::job::create::{CreateArgs, CreateTarget};
 use engine::job::stream::StreamArgs;
-use engine::job::{IoOp, Job, JobEvent, JobEventKind, JobInfo, OnError};
+use engine::job::{IoOp, Job, JobEvent, JobEventKind, JobInfo, JobType, OnError};
 use engine::{BackingSpec, ChildSpec, DriverSpec, Engine, Node, NodeSpec};
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
@@ -49,6 +50,10 @@ pub const COMMANDS: &[&str] = &[
     "job-dismiss",
     "query-block-jobs",
     "query-jobs",
+    "blockdev-create",
+    "object-add",
+    "object-del",
+    "x-blockdev-set-iothread",
 ];
 
 /// The monitor: the engine and the clients that receive events.
@@ -60,6 +65,23 @@ pub struct Monitor {
     clients: Mutex<Vec<Arc<ClientOut>>>,
     /// Set by `quit`; the daemon's main thread waits for it.
     pub quit: std::sync::mpsc::SyncSender<()>,
+    /// IoThread objects by id.
+    iothreads: Mutex<std::collections::BTreeMap<String, IoThreadObject>>,
+}
+
+/// An `iothread` object: one of the engine's own (from the command line) or one added later.
+enum IoThreadObject {
+    Engine(usize),
+    Added(engine::IoThread),
+}
+
+impl IoThreadObject {
+    fn handle(&self, e: &Engine) -> Option<engine::IoThreadHandle> {
+        match self {
+            IoThreadObject::Engine(i) => e.iothread(*i),
+            IoThreadObject::Added(t) => Some(t.handle()),
+        }
+    }
 }
 
 impl Monitor {
@@ -70,6 +92,24 @@ impl Monitor {
             lock: Mutex::new(()),
             clients: Mutex::new(Vec::new()),
             quit,
+            iothreads: Mutex::new(std::collections::BTreeMap::new()),
+        }
+    }
+
+    /// Names the engine's IoThread `index` (an `--object iothread,id=X` on the command line).
+    pub fn name_iothread(&self, id: &str, index: usize) {
+        self.iothreads
+            .lock()
+            .insert(id.to_string(), IoThreadObject::Engine(index));
+    }
+
+    /// Shuts down the IoThreads added with object-add.
+    pub fn stop_added_iothreads(&self) {
+        let all = std::mem::take(&mut *self.iothreads.lock());
+        for (_, o) in all {
+            if let IoThreadObject::Added(t) = o {
+                t.shutdown();
+            }
         }
     }
 
@@ -106,6 +146,19 @@ impl Monitor {
 /// The QMP events of one job event.
 pub fn qmp_events(ev: &JobEvent) -> Vec<Value> {
     let at = ev.at;
+    // Create jobs are not block jobs: only their status changes are events.
+    let block_job = |kind: &JobType| *kind != JobType::Create;
+    match &ev.kind {
+        JobEventKind::Ready { kind, .. }
+        | JobEventKind::Pending { kind, .. }
+        | JobEventKind::Completed { kind, .. }
+        | JobEventKind::Cancelled { kind, .. }
+            if !block_job(kind) =>
+        {
+            return Vec::new()
+        }
+        _ => {}
+    }
     let one = |name: &str, data: Value| vec![event(name, data, at)];
     match &ev.kind {
         JobEventKind::StatusChange { id, status } => one(
@@ -231,6 +284,10 @@ impl Handler for Monitor {
             "job-finalize" => self.job_verb(a, |j| j.finalize()),
             "job-dismiss" => self.job_verb(a, |j| j.dismiss()),
             "job-cancel" => self.job_verb(a, |j| j.cancel(true)),
+            "blockdev-create" => self.cmd_blockdev_create(a),
+            "object-add" => self.cmd_object_add(a),
+            "object-del" => self.cmd_object_del(a),
+            "x-blockdev-set-iothread" => self.cmd_set_iothread(a),
             "query-block-jobs" => {
                 a.finish()?;
                 Ok(Value::Array(
@@ -238,6 +295,7 @@ impl Handler for Monitor {
                         .jobs()
                         .list()
                         .iter()
+                        .filter(|j| j.kind() != JobType::Create)
                         .map(|j| block_job_info(&j.info()))
                         .collect(),
                 ))
@@ -407,6 +465,174 @@ impl Monitor {
         }
         a.finish()?;
         self.engine.commit(c)?;
+        Ok(json!({}))
+    }
+
+    fn cmd_blockdev_create(&self, mut a: Args) -> Result<Value, QmpError> {
+        let job_id = a.str("job-id")?;
+        let mut o = a
+            .object("options")?
+            .ok_or_else(|| QmpError::generic("Parameter 'options' is missing"))?;
+        let driver = o.str("driver")?;
+        let target = match driver.as_str() {
+            "file" => {
+                let filename = PathBuf::from(o.str("filename")?);
+                let size = o
+                    .opt_size("size")?
+                    .ok_or_else(|| QmpError::generic("Parameter 'options.size' is missing"))?;
+                if let Some(p) = o.opt_str("preallocation")? {
+                    if p != "off" {
+                        return Err(QmpError::generic(format!(
+                            "Unsupported preallocation mode '{p}'"
+                        )));
+                    }
+                }
+                let _nocow = o.opt_bool("nocow")?;
+                CreateTarget::File { filename, size }
+            }
+            "qcow2" => {
+                use engine::drivers::qcow2::create::{CreateOptions, Preallocation};
+                let file = match o.take("file") {
+                    Some(Value::String(s)) => s,
+                    Some(_) => {
+                        return Err(QmpError::generic(
+                            "blockdev-create: 'file' must name an existing node",
+                        ))
+                    }
+                    None => return Err(QmpError::generic("Parameter 'options.file' is missing")),
+                };
+                let mut c = CreateOptions {
+                    size: o
+                        .opt_size("size")?
+                        .ok_or_else(|| QmpError::generic("Parameter 'options.size' is missing"))?,
+                    ..Default::default()
+                };
+                if let Some(v) = o.opt_enum("version", &[("v2", 2u32), ("v3", 3)])? {
+                    c.version = v;
+                }
+                c.backing_file = o.opt_str("backing-file")?;
+                c.backing_format = o.opt_str("backing-fmt")?;
+                if let Some(cs) = o.opt_size("cluster-size")? {
+                    c.cluster_size = cs;
+                }
+                if let Some(rb) = o.opt_size("refcount-bits")? {
+                    c.refcount_bits = rb as u32;
+                }
+                if let Some(l) = o.opt_bool("lazy-refcounts")? {
+                    c.lazy_refcounts = l;
+                }
+                if let Some(p) = o.opt_enum(
+                    "preallocation",
+                    &[
+                        ("off", Preallocation::Off),
+                        ("metadata", Preallocation::Metadata),
+                        ("full", Preallocation::Full),
+                    ],
+                )? {
+                    c.preallocation = p;
+                }
+                if let Some(ct) = o.opt_str("compression-type")? {
+                    if ct != "zlib" {
+                        return Err(QmpError::generic(format!(
+                            "compression-type {ct}: strata creates zlib images only"
+                        )));
+                    }
+                }
+                if o.opt_bool("extended-l2")? == Some(true) {
+                    return Err(QmpError::generic(
+                        "extended-l2: strata does not create images with extended L2 entries",
+                    ));
+                }
+                for unsupported in ["data-file", "data-file-raw", "encrypt"] {
+                    if o.has(unsupported) {
+                        return Err(QmpError::generic(format!(
+                            "blockdev-create: qcow2 '{unsupported}' is not supported"
+                        )));
+                    }
+                }
+                CreateTarget::Qcow2 { file, opts: c }
+            }
+            other => {
+                return Err(QmpError::generic(format!(
+                    "Driver '{other}' does not support blockdev-create"
+                )))
+            }
+        };
+        o.finish()?;
+        a.finish()?;
+        self.engine.create_image(CreateArgs { job_id, target })?;
+        Ok(json!({}))
+    }
+
+    fn cmd_object_add(&self, mut a: Args) -> Result<Value, QmpError> {
+        let qom_type = a.str("qom-type")?;
+        let id = a.str("id")?;
+        if qom_type != "iothread" {
+            return Err(QmpError::generic(format!(
+                "Invalid parameter 'qom-type': strata supports only 'iothread' objects, not '{qom_type}'"
+            )));
+        }
+        for k in ["poll-max-ns", "poll-grow", "poll-shrink", "aio-max-batch"] {
+            let _ = a.opt_int(k)?;
+        }
+        a.finish()?;
+        if engine::job::check_job_id(&id).is_err() {
+            return Err(QmpError::generic(format!("Invalid object ID '{id}'")));
+        }
+        let mut objs = self.iothreads.lock();
+        if objs.contains_key(&id) {
+            return Err(QmpError::generic(format!(
+                "attempt to add duplicate property '{id}' to object (type 'container')"
+            )));
+        }
+        let t = self.engine.new_iothread(&id)?;
+        objs.insert(id, IoThreadObject::Added(t));
+        Ok(json!({}))
+    }
+
+    fn cmd_object_del(&self, mut a: Args) -> Result<Value, QmpError> {
+        let id = a.str("id")?;
+        a.finish()?;
+        let mut objs = self.iothreads.lock();
+        let Some(o) = objs.get(&id) else {
+            return Err(QmpError::generic(format!("object '{id}' not found")));
+        };
+        let in_use = o
+            .handle(&self.engine)
+            .is_some_and(|h| self.engine.iothread_in_use(h.index()));
+        if in_use || matches!(o, IoThreadObject::Engine(_)) {
+            return Err(QmpError::generic(format!(
+                "object '{id}' is in use, can not be deleted"
+            )));
+        }
+        if let Some(IoThreadObject::Added(t)) = objs.remove(&id) {
+            t.shutdown();
+        }
+        Ok(json!({}))
+    }
+
+    fn cmd_set_iothread(&self, mut a: Args) -> Result<Value, QmpError> {
+        let node = a.str("node-name")?;
+        let io = match a.take("iothread") {
+            None => return Err(QmpError::generic("Parameter 'iothread' is missing")),
+            Some(Value::Null) => None,
+            Some(Value::String(id)) => {
+                let objs = self.iothreads.lock();
+                let h = objs
+                    .get(&id)
+                    .and_then(|o| o.handle(&self.engine))
+                    .ok_or_else(|| QmpError::generic(format!("Cannot find iothread {id}")))?;
+                Some(h)
+            }
+            Some(_) => {
+                return Err(QmpError::generic(
+                    "Invalid parameter type for 'iothread', expected: StrOrNull",
+                ))
+            }
+        };
+        let force = a.opt_bool("force")?.unwrap_or(false);
+        a.finish()?;
+        self.engine.set_node_iothread(&node, io, force)?;
         Ok(json!({}))
     }
 

@@ -103,14 +103,16 @@ fn sockets(args: &DaemonArgs) -> Result<Vec<PathBuf>, String> {
     Ok(paths)
 }
 
-fn iothread_count(args: &DaemonArgs) -> Result<usize, String> {
-    let mut n = args.iothreads.unwrap_or(0);
+/// The ids of the `--object iothread,id=X` options, in order (they are the engine's first
+/// IoThreads; `--iothreads N` adds unnamed ones after them).
+fn iothread_ids(args: &DaemonArgs) -> Result<Vec<String>, String> {
+    let mut ids = Vec::new();
     for o in &args.object {
         let (kind, kv) = keyvals(o);
-        match kind.as_deref() {
+        match kind.as_deref().or(get(&kv, "qom-type")) {
             Some("iothread") => {
-                get(&kv, "id").ok_or("--object iothread: 'id' is missing")?;
-                n += 1;
+                let id = get(&kv, "id").ok_or("--object iothread: 'id' is missing")?;
+                ids.push(id.to_string());
             }
             other => {
                 return Err(format!(
@@ -120,7 +122,7 @@ fn iothread_count(args: &DaemonArgs) -> Result<usize, String> {
             }
         }
     }
-    Ok(n.max(1))
+    Ok(ids)
 }
 
 /// Blocks SIGINT and SIGTERM in this thread (and the threads it starts), so one thread can
@@ -150,7 +152,8 @@ pub fn main(args: DaemonArgs) -> i32 {
 
 fn run(args: DaemonArgs) -> Result<(), String> {
     let paths = sockets(&args)?;
-    let iothreads = iothread_count(&args)?;
+    let ids = iothread_ids(&args)?;
+    let iothreads = (ids.len() + args.iothreads.unwrap_or(0)).max(1);
     let sigset = block_signals();
     let engine = Engine::new(EngineOptions {
         iothreads,
@@ -160,6 +163,9 @@ fn run(args: DaemonArgs) -> Result<(), String> {
     let (quit_tx, quit_rx) = std::sync::mpsc::sync_channel::<()>(4);
     let events = engine.jobs().subscribe();
     let monitor = Arc::new(Monitor::new(engine, quit_tx.clone()));
+    for (i, id) in ids.iter().enumerate() {
+        monitor.name_iothread(id, i);
+    }
     for b in &args.blockdev {
         let v: serde_json::Value =
             serde_json::from_str(b).map_err(|e| format!("--blockdev: {e}"))?;
@@ -208,6 +214,7 @@ fn run(args: DaemonArgs) -> Result<(), String> {
     // In order: jobs cancelled, images flushed and closed (the Engine's drop does both and
     // releases the image locks), then the sockets go.
     monitor.engine.close_all();
+    monitor.stop_added_iothreads();
     for p in &paths {
         let _ = std::fs::remove_file(p);
     }

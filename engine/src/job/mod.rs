@@ -15,6 +15,7 @@
 
 pub mod chain;
 pub mod commit;
+pub mod create;
 pub mod mirror;
 pub mod stream;
 
