@@ -32,7 +32,8 @@ use std::task::{Context, Poll, Waker};
 use crossbeam_utils::CachePadded;
 use graph::counter::PerThreadCounter;
 use graph::{
-    drain_event, Edge, Error, ErrorKind, Node, Perm, Transaction, User, WriteFlags, ZeroFlags,
+    drain_event, BlockStatus, Edge, Error, ErrorKind, Node, Perm, Transaction, User, WriteFlags,
+    ZeroFlags,
 };
 use iothreads::{BufResult, IoBuf, IoThreadHandle, MAX_IOTHREADS};
 use parking_lot::Mutex;
@@ -397,6 +398,27 @@ impl Backend {
         self.root().flush().await
     }
 
+    /// What the guest sees at `offset` through the whole chain (QEMU's
+    /// `bdrv_block_status_above` with no base), and for how many bytes (at most `len`, at
+    /// least 1): the export side of NBD's `base:allocation`.
+    pub async fn allocation(&self, offset: u64, len: u64) -> io::Result<(Allocation, u64)> {
+        let Some(t) = self.on_own_thread() else {
+            let me = self.clone();
+            return self
+                .route()
+                .spawn_with(move || async move { me.allocation(offset, len).await })
+                .await?;
+        };
+        let entered = self.enter(t).await;
+        let root = self.root();
+        let r = match self.check(&root, offset, len) {
+            Err(e) => Err(e),
+            Ok(()) => allocation_above(root, offset, len).await,
+        };
+        drop(entered);
+        r
+    }
+
     /// Blocking read for callers outside any async runtime (tests, tools).
     pub fn read_blocking(&self, offset: u64, buf: IoBuf) -> BufResult<()> {
         let me = self.clone();
@@ -420,6 +442,71 @@ impl Backend {
         let me = self.clone();
         self.route()
             .block_on(move || async move { me.flush().await })?
+    }
+}
+
+/// What a range reads as through a chain.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Allocation {
+    /// Some image of the chain stores data there (it may be zeroes).
+    pub data: bool,
+    /// It reads as zeroes for sure.
+    pub zero: bool,
+}
+
+/// Walks down from `node` (through filters and backing files) until a layer says what the
+/// range is; past the end of a shorter layer the rest reads as zeroes.
+async fn allocation_above(node: Arc<Node>, offset: u64, len: u64) -> io::Result<(Allocation, u64)> {
+    let mut n = node.skip_filters();
+    let mut len = len;
+    loop {
+        if offset >= n.len() {
+            return Ok((
+                Allocation {
+                    data: false,
+                    zero: true,
+                },
+                len,
+            ));
+        }
+        len = len.min(n.len() - offset);
+        let (status, run) = n.block_status(offset, len).await?;
+        let run = run.clamp(1, len);
+        match status {
+            BlockStatus::Data => {
+                return Ok((
+                    Allocation {
+                        data: true,
+                        zero: false,
+                    },
+                    run,
+                ))
+            }
+            BlockStatus::Zero => {
+                return Ok((
+                    Allocation {
+                        data: false,
+                        zero: true,
+                    },
+                    run,
+                ))
+            }
+            BlockStatus::Unallocated => {
+                len = run;
+                match n.backing() {
+                    Some(b) => n = b.skip_filters(),
+                    None => {
+                        return Ok((
+                            Allocation {
+                                data: false,
+                                zero: true,
+                            },
+                            run,
+                        ))
+                    }
+                }
+            }
+        }
     }
 }
 

@@ -8,6 +8,7 @@ pub mod drivers;
 pub mod engine;
 pub mod image;
 pub mod job;
+pub mod nbd;
 pub mod snapshot;
 
 pub use backend::{Backend, BackendOptions};

@@ -1,0 +1,927 @@
+//! The NBD server: a listener (UNIX socket or TCP on loopback), exports over nodes, and one
+//! connection handler per client.
+//!
+//! A connection has two threads of its own and borrows the export's IoThreads:
+//! - the **reader** runs the handshake (newstyle fixed: option haggling, then GO or
+//!   EXPORT_NAME), then reads request headers and write payloads and hands each request to an
+//!   IoThread as a task on the export's [`Backend`]; it never waits for a request to finish,
+//!   only for the number in flight to drop below [`MAX_IN_FLIGHT`];
+//! - the **writer** sends replies in the order requests complete (out of order with respect
+//!   to their arrival), each reply whole.
+//!
+//! The backend is drained like any other: during a graph change a client's requests are held,
+//! not failed. Bad input gets the protocol's answer (an error reply, or for a malformed
+//! request header a closed connection) and never affects other clients.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::unix::net::{UnixListener, UnixStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+use graph::{Error, ErrorKind, Result, WriteFlags, ZeroFlags};
+use iothreads::IoBuf;
+use parking_lot::{Condvar, Mutex};
+
+use super::proto::*;
+use crate::backend::Backend;
+
+/// Requests a connection may have in flight at once.
+pub const MAX_IN_FLIGHT: u64 = 64;
+
+/// Where the server listens.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum NbdAddr {
+    /// A UNIX socket at this path.
+    Unix(PathBuf),
+    /// TCP on this host and port (loopback addresses only).
+    Inet(String, u16),
+}
+
+/// An export: a name clients ask for, and the backend that serves it.
+pub struct Export {
+    /// The name clients give.
+    pub name: String,
+    /// Shown by NBD_OPT_LIST and INFO.
+    pub description: Option<String>,
+    /// Writes allowed.
+    pub writable: bool,
+    /// The front end over the exported node.
+    pub backend: Backend,
+    /// Connections using it now.
+    connections: AtomicU32,
+    /// Set when the export is removed: its connections end.
+    gone: AtomicBool,
+}
+
+impl Export {
+    /// An export of `backend` (take a read-only backend for a read-only export).
+    pub fn new(
+        name: &str,
+        description: Option<String>,
+        writable: bool,
+        backend: Backend,
+    ) -> Export {
+        Export {
+            name: name.to_string(),
+            description,
+            writable,
+            backend,
+            connections: AtomicU32::new(0),
+            gone: AtomicBool::new(false),
+        }
+    }
+
+    /// Clients connected to it now.
+    pub fn connections(&self) -> u32 {
+        self.connections.load(Ordering::Acquire)
+    }
+
+    fn flags(&self) -> u16 {
+        let mut f = TFLAG_HAS_FLAGS | TFLAG_SEND_FLUSH | TFLAG_SEND_FUA | TFLAG_SEND_CACHE;
+        if self.writable {
+            f |= TFLAG_SEND_TRIM | TFLAG_SEND_WRITE_ZEROES | TFLAG_SEND_FAST_ZERO;
+        } else {
+            f |= TFLAG_READ_ONLY;
+        }
+        // Every connection goes through the same node: they see one another's writes.
+        f | TFLAG_CAN_MULTI_CONN | TFLAG_SEND_DF
+    }
+}
+
+struct Shared {
+    exports: Mutex<BTreeMap<String, Arc<Export>>>,
+    max_connections: u32,
+    connections: AtomicU32,
+    stopping: AtomicBool,
+    /// Open client sockets, to shut down on stop.
+    sockets: Mutex<Vec<(u64, Stream)>>,
+    next_id: AtomicU64,
+}
+
+/// A running NBD server.
+pub struct NbdServer {
+    shared: Arc<Shared>,
+    addr: NbdAddr,
+    listener: Option<Listener>,
+    accept: Option<std::thread::JoinHandle<()>>,
+}
+
+enum Listener {
+    Unix(UnixListener),
+    Tcp(TcpListener),
+}
+
+/// A client socket of either kind.
+enum Stream {
+    Unix(UnixStream),
+    Tcp(TcpStream),
+}
+
+impl Stream {
+    fn try_clone(&self) -> io::Result<Stream> {
+        Ok(match self {
+            Stream::Unix(s) => Stream::Unix(s.try_clone()?),
+            Stream::Tcp(s) => Stream::Tcp(s.try_clone()?),
+        })
+    }
+
+    fn shutdown(&self) {
+        let _ = match self {
+            Stream::Unix(s) => s.shutdown(std::net::Shutdown::Both),
+            Stream::Tcp(s) => s.shutdown(std::net::Shutdown::Both),
+        };
+    }
+}
+
+impl Read for Stream {
+    fn read(&mut self, b: &mut [u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.read(b),
+            Stream::Tcp(s) => s.read(b),
+        }
+    }
+}
+
+impl Write for Stream {
+    fn write(&mut self, b: &[u8]) -> io::Result<usize> {
+        match self {
+            Stream::Unix(s) => s.write(b),
+            Stream::Tcp(s) => s.write(b),
+        }
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+fn is_loopback(host: &str) -> bool {
+    matches!(host, "localhost" | "127.0.0.1" | "::1" | "[::1]")
+        || host
+            .parse::<std::net::IpAddr>()
+            .is_ok_and(|a| a.is_loopback())
+}
+
+impl NbdServer {
+    /// Starts listening on `addr`; `max_connections` 0 means no limit.
+    pub fn start(addr: NbdAddr, max_connections: u32) -> Result<NbdServer> {
+        let listener = match &addr {
+            NbdAddr::Unix(p) => {
+                let l = UnixListener::bind(p).map_err(|e| {
+                    Error::io(format!("Failed to bind socket to {}", p.display()), e)
+                })?;
+                Listener::Unix(l)
+            }
+            NbdAddr::Inet(host, port) => {
+                if !is_loopback(host) {
+                    return Err(Error::new(
+                        ErrorKind::InvalidArgument,
+                        format!("NBD over TCP listens on loopback addresses only, not '{host}' (no TLS yet)"),
+                    ));
+                }
+                let h = host.trim_start_matches('[').trim_end_matches(']');
+                let l = TcpListener::bind((h, *port))
+                    .map_err(|e| Error::io(format!("Failed to bind socket to {h}:{port}"), e))?;
+                Listener::Tcp(l)
+            }
+        };
+        let shared = Arc::new(Shared {
+            exports: Mutex::new(BTreeMap::new()),
+            max_connections,
+            connections: AtomicU32::new(0),
+            stopping: AtomicBool::new(false),
+            sockets: Mutex::new(Vec::new()),
+            next_id: AtomicU64::new(0),
+        });
+        let l2 = match &listener {
+            Listener::Unix(l) => Listener::Unix(
+                l.try_clone()
+                    .map_err(|e| Error::io("cannot clone the listener", e))?,
+            ),
+            Listener::Tcp(l) => Listener::Tcp(
+                l.try_clone()
+                    .map_err(|e| Error::io("cannot clone the listener", e))?,
+            ),
+        };
+        let s = Arc::clone(&shared);
+        let accept = std::thread::Builder::new()
+            .name("nbd-accept".into())
+            .spawn(move || accept_loop(s, l2))
+            .map_err(|e| Error::io("cannot start the NBD listener thread", e))?;
+        Ok(NbdServer {
+            shared,
+            addr,
+            listener: Some(listener),
+            accept: Some(accept),
+        })
+    }
+
+    /// Where it listens.
+    pub fn addr(&self) -> &NbdAddr {
+        &self.addr
+    }
+
+    /// The TCP port it listens on (useful with port 0).
+    pub fn local_port(&self) -> Option<u16> {
+        match &self.listener {
+            Some(Listener::Tcp(l)) => l.local_addr().ok().map(|a| a.port()),
+            _ => None,
+        }
+    }
+
+    /// Adds an export; its name must be new.
+    pub fn add_export(&self, export: Export) -> Result<Arc<Export>> {
+        let mut ex = self.shared.exports.lock();
+        if ex.contains_key(&export.name) {
+            return Err(Error::new(
+                ErrorKind::AlreadyExists,
+                format!("Block export id '{}' is already in use", export.name),
+            ));
+        }
+        let e = Arc::new(export);
+        ex.insert(e.name.clone(), Arc::clone(&e));
+        Ok(e)
+    }
+
+    /// Removes an export. With `hard`, its clients are disconnected; otherwise it is refused
+    /// while any is connected.
+    pub fn remove_export(&self, name: &str, hard: bool) -> Result<Arc<Export>> {
+        let mut ex = self.shared.exports.lock();
+        let Some(e) = ex.get(name).cloned() else {
+            return Err(Error::new(
+                ErrorKind::NotFound,
+                format!("Export '{name}' is not found"),
+            ));
+        };
+        if !hard && e.connections() > 0 {
+            return Err(Error::new(
+                ErrorKind::Busy,
+                format!("export '{name}' still in use"),
+            ));
+        }
+        e.gone.store(true, Ordering::Release);
+        ex.remove(name);
+        Ok(e)
+    }
+
+    /// The exports, by name.
+    pub fn exports(&self) -> Vec<Arc<Export>> {
+        self.shared.exports.lock().values().cloned().collect()
+    }
+
+    /// Clients connected now.
+    pub fn connections(&self) -> u32 {
+        self.shared.connections.load(Ordering::Acquire)
+    }
+
+    /// Stops listening and disconnects every client.
+    pub fn stop(&mut self) {
+        self.shared.stopping.store(true, Ordering::Release);
+        // Wake the accept loop with a connection of our own, then join it.
+        match &self.addr {
+            NbdAddr::Unix(p) => {
+                let _ = UnixStream::connect(p);
+            }
+            NbdAddr::Inet(_, _) => {
+                if let Some(port) = self.local_port() {
+                    let _ = TcpStream::connect(("127.0.0.1", port));
+                }
+            }
+        }
+        if let Some(t) = self.accept.take() {
+            let _ = t.join();
+        }
+        self.listener = None;
+        if let NbdAddr::Unix(p) = &self.addr {
+            let _ = std::fs::remove_file(p);
+        }
+        for (_, s) in self.shared.sockets.lock().drain(..) {
+            s.shutdown();
+        }
+        for e in self.shared.exports.lock().values() {
+            e.gone.store(true, Ordering::Release);
+        }
+    }
+}
+
+impl Drop for NbdServer {
+    fn drop(&mut self) {
+        if self.accept.is_some() {
+            self.stop();
+        }
+    }
+}
+
+fn accept_loop(shared: Arc<Shared>, l: Listener) {
+    loop {
+        let s = match &l {
+            Listener::Unix(l) => l.accept().map(|(s, _)| Stream::Unix(s)),
+            Listener::Tcp(l) => l.accept().map(|(s, _)| {
+                let _ = s.set_nodelay(true);
+                Stream::Tcp(s)
+            }),
+        };
+        if shared.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let Ok(s) = s else { continue };
+        let n = shared.connections.fetch_add(1, Ordering::AcqRel) + 1;
+        if shared.max_connections > 0 && n > shared.max_connections {
+            shared.connections.fetch_sub(1, Ordering::AcqRel);
+            s.shutdown();
+            continue;
+        }
+        let id = shared.next_id.fetch_add(1, Ordering::Relaxed);
+        if let Ok(c) = s.try_clone() {
+            shared.sockets.lock().push((id, c));
+        }
+        let sh = Arc::clone(&shared);
+        let spawned = std::thread::Builder::new()
+            .name("nbd-client".into())
+            .spawn(move || {
+                let _ = serve(&sh, s);
+                sh.sockets.lock().retain(|(i, _)| *i != id);
+                sh.connections.fetch_sub(1, Ordering::AcqRel);
+            });
+        if spawned.is_err() {
+            shared.connections.fetch_sub(1, Ordering::AcqRel);
+        }
+    }
+}
+
+/// What the handshake agreed.
+struct Session {
+    export: Arc<Export>,
+    structured: bool,
+    base_allocation: bool,
+}
+
+fn read_u32(s: &mut Stream) -> io::Result<u32> {
+    let mut b = [0u8; 4];
+    s.read_exact(&mut b)?;
+    Ok(u32::from_be_bytes(b))
+}
+
+fn read_u64(s: &mut Stream) -> io::Result<u64> {
+    let mut b = [0u8; 8];
+    s.read_exact(&mut b)?;
+    Ok(u64::from_be_bytes(b))
+}
+
+fn invalid(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+/// Serves one client: handshake, then transmission.
+fn serve(shared: &Arc<Shared>, mut s: Stream) -> io::Result<()> {
+    let Some(sess) = handshake(shared, &mut s)? else {
+        return Ok(());
+    };
+    sess.export.connections.fetch_add(1, Ordering::AcqRel);
+    let r = transmission(&sess, s);
+    sess.export.connections.fetch_sub(1, Ordering::AcqRel);
+    r
+}
+
+fn handshake(shared: &Shared, s: &mut Stream) -> io::Result<Option<Session>> {
+    let mut hello = Vec::with_capacity(18);
+    hello.extend_from_slice(&NBDMAGIC.to_be_bytes());
+    hello.extend_from_slice(&IHAVEOPT.to_be_bytes());
+    hello.extend_from_slice(&(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES).to_be_bytes());
+    s.write_all(&hello)?;
+    let cflags = read_u32(s)?;
+    if cflags & !(FLAG_C_FIXED_NEWSTYLE | FLAG_C_NO_ZEROES) != 0 {
+        return Err(invalid("unknown client flags"));
+    }
+    let no_zeroes = cflags & FLAG_C_NO_ZEROES != 0;
+    let mut structured = false;
+    let mut meta: Option<(String, bool)> = None;
+    loop {
+        if read_u64(s)? != IHAVEOPT {
+            return Err(invalid("bad option magic"));
+        }
+        let opt = read_u32(s)?;
+        let len = read_u32(s)?;
+        if len > MAX_OPTION {
+            // Too long to read: say so and hang up (the rest cannot be skipped cheaply).
+            s.write_all(&option_reply(opt, REP_ERR_TOO_BIG, b"option too long"))?;
+            return Ok(None);
+        }
+        let mut data = vec![0u8; len as usize];
+        s.read_exact(&mut data)?;
+        let reply_err = |s: &mut Stream, kind: u32, msg: &str| {
+            s.write_all(&option_reply(opt, kind, msg.as_bytes()))
+        };
+        match opt {
+            OPT_EXPORT_NAME => {
+                let name = String::from_utf8_lossy(&data).into_owned();
+                let Some(export) = shared.exports.lock().get(&name).cloned() else {
+                    // No way to report an error here: hang up, as the protocol says.
+                    return Ok(None);
+                };
+                let mut r = Vec::with_capacity(10 + 124);
+                r.extend_from_slice(&export.backend.len().to_be_bytes());
+                r.extend_from_slice(&export.flags().to_be_bytes());
+                if !no_zeroes {
+                    r.extend_from_slice(&[0u8; 124]);
+                }
+                s.write_all(&r)?;
+                let base_allocation = meta.as_ref().is_some_and(|(n, b)| *b && *n == name);
+                return Ok(Some(Session {
+                    export,
+                    structured,
+                    base_allocation,
+                }));
+            }
+            OPT_ABORT => {
+                let _ = s.write_all(&option_reply(opt, REP_ACK, &[]));
+                return Ok(None);
+            }
+            OPT_LIST => {
+                if !data.is_empty() {
+                    reply_err(s, REP_ERR_INVALID, "NBD_OPT_LIST takes no data")?;
+                    continue;
+                }
+                let exports: Vec<Arc<Export>> = shared.exports.lock().values().cloned().collect();
+                for e in exports {
+                    let mut d = Vec::new();
+                    d.extend_from_slice(&(e.name.len() as u32).to_be_bytes());
+                    d.extend_from_slice(e.name.as_bytes());
+                    if let Some(desc) = &e.description {
+                        d.extend_from_slice(desc.as_bytes());
+                    }
+                    s.write_all(&option_reply(opt, REP_SERVER, &d))?;
+                }
+                s.write_all(&option_reply(opt, REP_ACK, &[]))?;
+            }
+            OPT_STRUCTURED_REPLY => {
+                if !data.is_empty() {
+                    reply_err(s, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data")?;
+                } else if structured {
+                    reply_err(s, REP_ERR_INVALID, "structured replies already negotiated")?;
+                } else {
+                    structured = true;
+                    s.write_all(&option_reply(opt, REP_ACK, &[]))?;
+                }
+            }
+            OPT_LIST_META_CONTEXT | OPT_SET_META_CONTEXT => {
+                let set = opt == OPT_SET_META_CONTEXT;
+                if !structured {
+                    reply_err(s, REP_ERR_INVALID, "structured replies are not negotiated")?;
+                    continue;
+                }
+                let mut c = Cursor::new(&data);
+                let parsed = (|| {
+                    let name = c.string()?;
+                    let n = c.u32()?;
+                    let mut queries = Vec::new();
+                    for _ in 0..n {
+                        queries.push(c.string()?);
+                    }
+                    c.done().then_some((name, queries))
+                })();
+                let Some((name, queries)) = parsed else {
+                    reply_err(s, REP_ERR_INVALID, "malformed meta context request")?;
+                    continue;
+                };
+                if !shared.exports.lock().contains_key(&name) {
+                    reply_err(s, REP_ERR_UNKNOWN, &format!("export '{name}' not present"))?;
+                    continue;
+                }
+                let wants = queries.is_empty() && !set
+                    || queries
+                        .iter()
+                        .any(|q| q == BASE_ALLOCATION || (!set && q == "base:"));
+                if wants {
+                    let mut d = BASE_ALLOCATION_ID.to_be_bytes().to_vec();
+                    d.extend_from_slice(BASE_ALLOCATION.as_bytes());
+                    s.write_all(&option_reply(opt, REP_META_CONTEXT, &d))?;
+                }
+                if set {
+                    meta = Some((name, wants));
+                }
+                s.write_all(&option_reply(opt, REP_ACK, &[]))?;
+            }
+            OPT_INFO | OPT_GO => {
+                let mut c = Cursor::new(&data);
+                let parsed = (|| {
+                    let name = c.string()?;
+                    let n = c.u16()?;
+                    let mut infos = Vec::new();
+                    for _ in 0..n {
+                        infos.push(c.u16()?);
+                    }
+                    c.done().then_some((name, infos))
+                })();
+                let Some((name, infos)) = parsed else {
+                    reply_err(s, REP_ERR_INVALID, "malformed NBD_OPT_INFO/GO request")?;
+                    continue;
+                };
+                let Some(export) = shared.exports.lock().get(&name).cloned() else {
+                    reply_err(s, REP_ERR_UNKNOWN, &format!("export '{name}' not present"))?;
+                    continue;
+                };
+                let mut d = INFO_EXPORT.to_be_bytes().to_vec();
+                d.extend_from_slice(&export.backend.len().to_be_bytes());
+                d.extend_from_slice(&export.flags().to_be_bytes());
+                s.write_all(&option_reply(opt, REP_INFO, &d))?;
+                if infos.contains(&INFO_NAME) {
+                    let mut d = INFO_NAME.to_be_bytes().to_vec();
+                    d.extend_from_slice(name.as_bytes());
+                    s.write_all(&option_reply(opt, REP_INFO, &d))?;
+                }
+                if infos.contains(&INFO_DESCRIPTION) {
+                    if let Some(desc) = &export.description {
+                        let mut d = INFO_DESCRIPTION.to_be_bytes().to_vec();
+                        d.extend_from_slice(desc.as_bytes());
+                        s.write_all(&option_reply(opt, REP_INFO, &d))?;
+                    }
+                }
+                // Block sizes always (as QEMU sends them); the minimum is 1 unless the
+                // client said it honours constraints.
+                let align = export.backend.root().driver().request_alignment().max(1);
+                let min = if infos.contains(&INFO_BLOCK_SIZE) {
+                    align
+                } else {
+                    1
+                };
+                let mut d = INFO_BLOCK_SIZE.to_be_bytes().to_vec();
+                d.extend_from_slice(&min.to_be_bytes());
+                d.extend_from_slice(&align.max(4096).to_be_bytes());
+                d.extend_from_slice(&MAX_PAYLOAD.to_be_bytes());
+                s.write_all(&option_reply(opt, REP_INFO, &d))?;
+                s.write_all(&option_reply(opt, REP_ACK, &[]))?;
+                if opt == OPT_GO {
+                    let base_allocation = meta.as_ref().is_some_and(|(n, b)| *b && *n == name);
+                    return Ok(Some(Session {
+                        export,
+                        structured,
+                        base_allocation,
+                    }));
+                }
+            }
+            OPT_STARTTLS => reply_err(s, REP_ERR_POLICY, "TLS is not supported")?,
+            _ => reply_err(s, REP_ERR_UNSUP, "option not supported")?,
+        }
+    }
+}
+
+/// Counts requests in flight; the reader waits on it.
+struct InFlight {
+    n: Mutex<u64>,
+    cv: Condvar,
+}
+
+impl InFlight {
+    fn enter(&self) {
+        let mut n = self.n.lock();
+        while *n >= MAX_IN_FLIGHT {
+            self.cv.wait(&mut n);
+        }
+        *n += 1;
+    }
+
+    fn leave(&self) {
+        let mut n = self.n.lock();
+        *n -= 1;
+        self.cv.notify_all();
+    }
+
+    fn wait_idle(&self) {
+        let mut n = self.n.lock();
+        while *n > 0 {
+            self.cv.wait(&mut n);
+        }
+    }
+}
+
+/// A reply on its way to the writer: header bytes and, for reads, the data.
+struct Reply {
+    head: Vec<u8>,
+    data: Option<IoBuf>,
+}
+
+fn transmission(sess: &Session, mut s: Stream) -> io::Result<()> {
+    let writer_stream = s.try_clone()?;
+    let (tx, rx) = crossbeam_channel::unbounded::<Reply>();
+    let writer = std::thread::Builder::new()
+        .name("nbd-writer".into())
+        .spawn(move || {
+            let mut w = writer_stream;
+            for r in rx {
+                let ok = w.write_all(&r.head).is_ok()
+                    && r.data.as_ref().is_none_or(|d| w.write_all(&d[..]).is_ok());
+                if !ok {
+                    w.shutdown();
+                    // Keep draining so senders never block; the replies are lost with the
+                    // connection.
+                }
+            }
+        })?;
+    let in_flight = Arc::new(InFlight {
+        n: Mutex::new(0),
+        cv: Condvar::new(),
+    });
+    let r = request_loop(sess, &mut s, &tx, &in_flight);
+    in_flight.wait_idle();
+    drop(tx);
+    let _ = writer.join();
+    s.shutdown();
+    r
+}
+
+fn request_loop(
+    sess: &Session,
+    s: &mut Stream,
+    tx: &crossbeam_channel::Sender<Reply>,
+    in_flight: &Arc<InFlight>,
+) -> io::Result<()> {
+    let export = &sess.export;
+    let mut hdr = [0u8; REQUEST_LEN];
+    loop {
+        if export.gone.load(Ordering::Acquire) {
+            return Ok(());
+        }
+        if s.read_exact(&mut hdr).is_err() {
+            return Ok(()); // the client went away
+        }
+        let Some(req) = Request::decode(&hdr) else {
+            return Err(invalid("bad request magic"));
+        };
+        let error = |code: u32, msg: &str| error_reply(sess, req.cookie, code, msg);
+        let size = export.backend.len();
+        let in_range = req
+            .offset
+            .checked_add(u64::from(req.length))
+            .is_some_and(|end| end <= size);
+        match req.kind {
+            CMD_DISC => return Ok(()),
+            CMD_WRITE => {
+                if req.length > MAX_PAYLOAD {
+                    // The payload cannot be skipped safely: answer and hang up.
+                    let _ = tx.send(error(EOVERFLOW, "write payload too large"));
+                    return Ok(());
+                }
+                let mut buf = IoBuf::new(req.length as usize);
+                s.read_exact(&mut buf[..])?;
+                if !export.writable {
+                    let _ = tx.send(error(EPERM, "export is read-only"));
+                    continue;
+                }
+                if !in_range {
+                    let _ = tx.send(error(ENOSPC, "write past the end of the export"));
+                    continue;
+                }
+                let flags = WriteFlags {
+                    fua: req.flags & CMD_FLAG_FUA != 0,
+                };
+                let b = export.backend.clone();
+                dispatch(sess, tx, in_flight, req.cookie, move || async move {
+                    let (r, _) = b.write_with(req.offset, buf, flags).await;
+                    r.map(|_| None)
+                });
+            }
+            CMD_READ => {
+                if req.length > MAX_PAYLOAD {
+                    let _ = tx.send(error(EINVAL, "read request too large"));
+                    continue;
+                }
+                if !in_range {
+                    let _ = tx.send(error(EINVAL, "read past the end of the export"));
+                    continue;
+                }
+                let b = export.backend.clone();
+                let len = req.length as usize;
+                dispatch(sess, tx, in_flight, req.cookie, move || async move {
+                    let (r, buf) = b.read(req.offset, IoBuf::new(len)).await;
+                    r.map(|_| Some((req.offset, buf)))
+                });
+            }
+            CMD_FLUSH => {
+                let b = export.backend.clone();
+                dispatch(sess, tx, in_flight, req.cookie, move || async move {
+                    b.flush().await.map(|_| None)
+                });
+            }
+            CMD_TRIM | CMD_WRITE_ZEROES => {
+                if !export.writable {
+                    let _ = tx.send(error(EPERM, "export is read-only"));
+                    continue;
+                }
+                if !in_range {
+                    let _ = tx.send(error(ENOSPC, "request past the end of the export"));
+                    continue;
+                }
+                let b = export.backend.clone();
+                let fua = req.flags & CMD_FLAG_FUA != 0;
+                let (off, len) = (req.offset, u64::from(req.length));
+                if req.kind == CMD_TRIM {
+                    dispatch(sess, tx, in_flight, req.cookie, move || async move {
+                        b.discard(off, len).await?;
+                        if fua {
+                            b.flush().await?;
+                        }
+                        Ok(None)
+                    });
+                } else {
+                    let flags = ZeroFlags {
+                        may_unmap: req.flags & CMD_FLAG_NO_HOLE == 0,
+                        no_fallback: req.flags & CMD_FLAG_FAST_ZERO != 0,
+                        fua,
+                    };
+                    dispatch(sess, tx, in_flight, req.cookie, move || async move {
+                        b.write_zeroes(off, len, flags).await.map(|_| None)
+                    });
+                }
+            }
+            CMD_CACHE => {
+                if !in_range {
+                    let _ = tx.send(error(EINVAL, "request past the end of the export"));
+                    continue;
+                }
+                let _ = tx.send(ok_reply(sess, req.cookie));
+            }
+            CMD_BLOCK_STATUS => {
+                if !sess.structured || !sess.base_allocation {
+                    let _ = tx.send(error(EINVAL, "no metadata context was negotiated"));
+                    continue;
+                }
+                if !in_range || req.length == 0 {
+                    let _ = tx.send(error(EINVAL, "block status past the end of the export"));
+                    continue;
+                }
+                let b = export.backend.clone();
+                let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+                let cookie = req.cookie;
+                in_flight.enter();
+                let (tx2, inf) = (tx.clone(), Arc::clone(in_flight));
+                let thread = b.threads()[0].clone();
+                drop(thread.spawn_with(move || async move {
+                    let r = block_status(&b, req.offset, u64::from(req.length), one).await;
+                    let reply = match r {
+                        Ok(extents) => status_reply(cookie, &extents),
+                        Err(e) => {
+                            let code = errno_to_nbd(e.raw_os_error());
+                            structured_error(cookie, code, &e.to_string())
+                        }
+                    };
+                    let _ = tx2.send(reply);
+                    inf.leave();
+                }));
+            }
+            _ => {
+                let _ = tx.send(error(EINVAL, "unknown command"));
+            }
+        }
+    }
+}
+
+/// The extents of `[offset, offset + len)` for base:allocation (one with `one`).
+async fn block_status(
+    b: &Backend,
+    offset: u64,
+    len: u64,
+    one: bool,
+) -> io::Result<Vec<(u32, u32)>> {
+    let mut out: Vec<(u32, u32)> = Vec::new();
+    let mut at = offset;
+    let end = offset + len;
+    while at < end {
+        let (a, n) = b
+            .allocation(at, (end - at).min(u32::MAX as u64 & !511))
+            .await?;
+        let flags = if a.data { 0 } else { STATE_HOLE } | if a.zero { STATE_ZERO } else { 0 };
+        let n = n.min(u32::MAX as u64) as u32;
+        match out.last_mut() {
+            Some((l, f)) if *f == flags && l.checked_add(n).is_some() => *l += n,
+            _ => out.push((n, flags)),
+        }
+        at += u64::from(n);
+        if one || out.len() >= 1 << 16 {
+            break;
+        }
+    }
+    if one {
+        out.truncate(1);
+    }
+    Ok(out)
+}
+
+fn status_reply(cookie: u64, extents: &[(u32, u32)]) -> Reply {
+    let len = 4 + 8 * extents.len() as u32;
+    let mut head = Vec::with_capacity(20 + len as usize);
+    head.extend_from_slice(&chunk_header(
+        cookie,
+        REPLY_FLAG_DONE,
+        REPLY_TYPE_BLOCK_STATUS,
+        len,
+    ));
+    head.extend_from_slice(&BASE_ALLOCATION_ID.to_be_bytes());
+    for (l, f) in extents {
+        head.extend_from_slice(&l.to_be_bytes());
+        head.extend_from_slice(&f.to_be_bytes());
+    }
+    Reply { head, data: None }
+}
+
+fn structured_error(cookie: u64, code: u32, msg: &str) -> Reply {
+    Reply {
+        head: error_chunk(cookie, code, msg),
+        data: None,
+    }
+}
+
+fn error_reply(sess: &Session, cookie: u64, code: u32, msg: &str) -> Reply {
+    if sess.structured {
+        structured_error(cookie, code, msg)
+    } else {
+        Reply {
+            head: simple_reply(cookie, code).to_vec(),
+            data: None,
+        }
+    }
+}
+
+fn ok_reply(sess: &Session, cookie: u64) -> Reply {
+    if sess.structured {
+        Reply {
+            head: chunk_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0).to_vec(),
+            data: None,
+        }
+    } else {
+        Reply {
+            head: simple_reply(cookie, 0).to_vec(),
+            data: None,
+        }
+    }
+}
+
+/// Runs a request on one of the export's IoThreads; its reply goes to the writer.
+fn dispatch<M, F>(
+    sess: &Session,
+    tx: &crossbeam_channel::Sender<Reply>,
+    in_flight: &Arc<InFlight>,
+    cookie: u64,
+    make: M,
+) where
+    M: FnOnce() -> F + Send + 'static,
+    F: std::future::Future<Output = io::Result<Option<(u64, IoBuf)>>> + 'static,
+{
+    in_flight.enter();
+    let (tx, inf, structured) = (tx.clone(), Arc::clone(in_flight), sess.structured);
+    let threads = sess.export.backend.threads();
+    let t = &threads[(cookie as usize) % threads.len()];
+    drop(t.spawn_with(move || async move {
+        let reply = match make().await {
+            Ok(None) => {
+                if structured {
+                    Reply {
+                        head: chunk_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0).to_vec(),
+                        data: None,
+                    }
+                } else {
+                    Reply {
+                        head: simple_reply(cookie, 0).to_vec(),
+                        data: None,
+                    }
+                }
+            }
+            Ok(Some((offset, buf))) => {
+                if structured {
+                    let mut head = chunk_header(
+                        cookie,
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_OFFSET_DATA,
+                        8 + buf.len() as u32,
+                    )
+                    .to_vec();
+                    head.extend_from_slice(&offset.to_be_bytes());
+                    Reply {
+                        head,
+                        data: Some(buf),
+                    }
+                } else {
+                    Reply {
+                        head: simple_reply(cookie, 0).to_vec(),
+                        data: Some(buf),
+                    }
+                }
+            }
+            Err(e) => {
+                let code = errno_to_nbd(e.raw_os_error());
+                if structured {
+                    structured_error(cookie, code, &e.to_string())
+                } else {
+                    Reply {
+                        head: simple_reply(cookie, code).to_vec(),
+                        data: None,
+                    }
+                }
+            }
+        };
+        let _ = tx.send(reply);
+        inf.leave();
+    }));
+}

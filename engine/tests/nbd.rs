@@ -1,0 +1,319 @@
+//! The NBD server against QEMU's own NBD client (qemu-io, qemu-img) as the oracle: reads and
+//! writes with patterns, `qemu-img map` over `base:allocation`, read-only exports, unknown
+//! exports, garbage from a client, and several clients at once.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::os::unix::net::UnixStream;
+use std::process::Command;
+
+use common::{qemu_tool, run_tool, uniq, Scratch};
+use engine::nbd::proto;
+use engine::nbd::{Export, NbdAddr, NbdServer};
+use engine::{BackendOptions, Engine, EngineOptions};
+
+const MIB: u64 = 1 << 20;
+
+fn have_qemu() -> bool {
+    qemu_tool("qemu-img").is_some() && qemu_tool("qemu-io").is_some()
+}
+
+struct Setup {
+    _e: Engine,
+    server: NbdServer,
+    sock: Scratch,
+    img: Scratch,
+    base: Scratch,
+}
+
+/// A 4 MiB qcow2 over a qcow2 base (data at 0..1M in the base, 2M..2M+64k in the top, a
+/// zero cluster at 3M), served as export `name`.
+fn start(tag: &str, name: &str, writable: bool) -> Setup {
+    let base = Scratch::new_in("/var/tmp", &format!("{tag}-base"));
+    let img = Scratch::new_in("/var/tmp", &format!("{tag}-top"));
+    run_tool(&["qemu-img", "create", "-q", "-f", "qcow2", base.path(), "4M"]);
+    run_tool(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 1 0 1M",
+        base.path(),
+    ]);
+    run_tool(&[
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-b",
+        base.path(),
+        "-F",
+        "qcow2",
+        img.path(),
+    ]);
+    run_tool(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 2 2M 64k",
+        img.path(),
+    ]);
+    run_tool(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -z 3M 64k",
+        img.path(),
+    ]);
+    let e = Engine::new(EngineOptions {
+        iothreads: 2,
+        ..Default::default()
+    })
+    .unwrap();
+    let imgs = [base, img];
+    let names = vec![uniq(&format!("{tag}b")), uniq(&format!("{tag}t"))];
+    common::open_chain_named(&e, &imgs, &names, false);
+    let [base, img] = imgs;
+    let backend = e
+        .backend(
+            &names[1],
+            &[],
+            BackendOptions {
+                read_only: !writable,
+                share_rw: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+    let sock = Scratch::new_in("/tmp", &format!("{tag}-sock"));
+    let server = NbdServer::start(NbdAddr::Unix(sock.0.clone()), 0).unwrap();
+    server
+        .add_export(Export::new(
+            name,
+            Some("a test disk".into()),
+            writable,
+            backend,
+        ))
+        .unwrap();
+    Setup {
+        _e: e,
+        server,
+        sock,
+        img,
+        base,
+    }
+}
+
+fn uri(s: &Setup, name: &str) -> String {
+    format!("nbd+unix:///{name}?socket={}", s.sock.path())
+}
+
+fn qemu_io(args: &[&str]) -> (bool, String) {
+    let out = Command::new("qemu-io").args(args).output().unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned() + &String::from_utf8_lossy(&out.stderr),
+    )
+}
+
+#[test]
+fn qemu_io_reads_and_writes_through_the_export() {
+    if !have_qemu() {
+        return;
+    }
+    let s = start("nbdrw", "disk", true);
+    let u = uri(&s, "disk");
+    let (ok, out) = qemu_io(&[
+        "-f",
+        "raw",
+        "-c",
+        "read -P 1 0 1M",
+        "-c",
+        "read -P 2 2M 64k",
+        "-c",
+        "read -P 0 3M 64k",
+        "-c",
+        "write -P 9 512k 128k",
+        "-c",
+        "read -P 9 512k 128k",
+        "-c",
+        "write -z 2M 4k",
+        "-c",
+        "read -P 0 2M 4k",
+        "-c",
+        "flush",
+        &u,
+    ]);
+    assert!(
+        ok && !out.contains("fail") && !out.contains("error"),
+        "{out}"
+    );
+    // Many requests in flight: aio writes, then read back.
+    let (ok, out) = qemu_io(&[
+        "-f",
+        "raw",
+        "-c",
+        "aio_write -P 7 0 64k",
+        "-c",
+        "aio_write -P 8 64k 64k",
+        "-c",
+        "aio_write -P 6 128k 64k",
+        "-c",
+        "aio_flush",
+        "-c",
+        "read -P 7 0 64k",
+        "-c",
+        "read -P 8 64k 64k",
+        "-c",
+        "read -P 6 128k 64k",
+        &u,
+    ]);
+    assert!(
+        ok && !out.contains("fail") && !out.contains("error"),
+        "{out}"
+    );
+    let Setup {
+        _e,
+        mut server,
+        img,
+        base,
+        ..
+    } = s;
+    server.stop();
+    drop(server);
+    drop(_e);
+    common::assert_check_clean(img.path());
+    let (ok, out) = qemu_io(&[
+        "-f",
+        "qcow2",
+        "-c",
+        "read -P 9 512k 64k",
+        "-c",
+        "read -P 7 0 64k",
+        img.path(),
+    ]);
+    assert!(ok && !out.contains("fail"), "{out}");
+    drop(base);
+}
+
+#[test]
+fn qemu_img_map_over_nbd_matches_the_chain() {
+    if !have_qemu() {
+        return;
+    }
+    let s = start("nbdmap", "disk", false);
+    let out = run_tool(&[
+        "qemu-img",
+        "map",
+        "--output=json",
+        "-f",
+        "raw",
+        &uri(&s, "disk"),
+    ]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let extents: Vec<(u64, u64, bool, bool)> = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| {
+            (
+                e["start"].as_u64().unwrap(),
+                e["length"].as_u64().unwrap(),
+                e["data"].as_bool().unwrap(),
+                e["zero"].as_bool().unwrap(),
+            )
+        })
+        .collect();
+    // Data 0..1M (base), 2M..2M+64k (top); the rest zero holes (3M..+64k a zero cluster).
+    let data: Vec<(u64, u64)> = extents.iter().filter(|e| e.2).map(|e| (e.0, e.1)).collect();
+    assert_eq!(data, vec![(0, MIB), (2 * MIB, 64 << 10)], "{out}");
+    assert!(extents.iter().filter(|e| !e.2).all(|e| e.3), "{out}");
+    let total: u64 = extents.iter().map(|e| e.1).sum();
+    assert_eq!(total, 4 * MIB);
+    // A read-only export refuses writes.
+    let (ok, out) = qemu_io(&["-f", "raw", "-c", "write -P 1 0 4k", &uri(&s, "disk")]);
+    assert!(
+        !ok || out.contains("Operation not permitted") || out.contains("read-only"),
+        "{out}"
+    );
+}
+
+#[test]
+fn unknown_exports_garbage_and_concurrent_clients() {
+    if !have_qemu() {
+        return;
+    }
+    let s = start("nbdbad", "disk", true);
+    let (ok, out) = qemu_io(&["-f", "raw", "-c", "read 0 4k", &uri(&s, "nope")]);
+    assert!(
+        !ok || out.contains("not present") || out.contains("export"),
+        "{out}"
+    );
+
+    // Garbage instead of the client flags, and an oversized option: the server hangs up.
+    let mut c = UnixStream::connect(&s.sock.0).unwrap();
+    let mut hello = [0u8; 18];
+    c.read_exact(&mut hello).unwrap();
+    assert_eq!(&hello[..8], &proto::NBDMAGIC.to_be_bytes());
+    c.write_all(&[0xff; 64]).unwrap();
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+
+    let mut c = UnixStream::connect(&s.sock.0).unwrap();
+    c.read_exact(&mut hello).unwrap();
+    c.write_all(&proto::FLAG_C_FIXED_NEWSTYLE.to_be_bytes())
+        .unwrap();
+    c.write_all(&proto::IHAVEOPT.to_be_bytes()).unwrap();
+    c.write_all(&proto::OPT_GO.to_be_bytes()).unwrap();
+    c.write_all(&(1u32 << 30).to_be_bytes()).unwrap();
+    let mut reply = [0u8; 20];
+    c.read_exact(&mut reply).unwrap();
+    assert_eq!(&reply[12..16], &proto::REP_ERR_TOO_BIG.to_be_bytes());
+    drop(c);
+
+    // A client that vanishes mid-request (a write header without its payload).
+    let mut c = UnixStream::connect(&s.sock.0).unwrap();
+    c.read_exact(&mut hello).unwrap();
+    c.write_all(&proto::FLAG_C_FIXED_NEWSTYLE.to_be_bytes())
+        .unwrap();
+    c.write_all(&proto::IHAVEOPT.to_be_bytes()).unwrap();
+    c.write_all(&proto::OPT_EXPORT_NAME.to_be_bytes()).unwrap();
+    c.write_all(&4u32.to_be_bytes()).unwrap();
+    c.write_all(b"disk").unwrap();
+    let mut info = [0u8; 10 + 124];
+    c.read_exact(&mut info).unwrap();
+    assert_eq!(&info[..8], &(4 * MIB).to_be_bytes());
+    let req = proto::Request {
+        flags: 0,
+        kind: proto::CMD_WRITE,
+        cookie: 1,
+        offset: 0,
+        length: 65536,
+    };
+    c.write_all(&req.encode()).unwrap();
+    c.write_all(&[1u8; 100]).unwrap();
+    drop(c);
+
+    // Four clients at once, each in its own range, all fine.
+    let u = uri(&s, "disk");
+    let clients: Vec<_> = (0..4u64)
+        .map(|i| {
+            let u = u.clone();
+            std::thread::spawn(move || {
+                let off = (i * 256 * 1024).to_string();
+                let w = format!("write -P {} {off} 256k", 0x40 + i);
+                let r = format!("read -P {} {off} 256k", 0x40 + i);
+                qemu_io(&["-f", "raw", "-c", &w, "-c", &r, &u])
+            })
+        })
+        .collect();
+    for c in clients {
+        let (ok, out) = c.join().unwrap();
+        assert!(ok && !out.contains("fail"), "{out}");
+    }
+    assert_eq!(s.server.exports().len(), 1);
+}
