@@ -15,6 +15,7 @@ use engine::job::commit::CommitArgs;
 use engine::job::create::{CreateArgs, CreateTarget};
 use engine::job::stream::StreamArgs;
 use engine::job::{IoOp, Job, JobEvent, JobEventKind, JobInfo, JobType, OnError};
+use engine::nbd::{NbdAddr, NbdServer};
 use engine::{BackingSpec, ChildSpec, DriverSpec, Engine, Node, NodeSpec};
 use parking_lot::Mutex;
 use serde_json::{json, Map, Value};
@@ -54,6 +55,11 @@ pub const COMMANDS: &[&str] = &[
     "object-add",
     "object-del",
     "x-blockdev-set-iothread",
+    "nbd-server-start",
+    "nbd-server-stop",
+    "block-export-add",
+    "block-export-del",
+    "query-block-exports",
 ];
 
 /// The monitor: the engine and the clients that receive events.
@@ -67,6 +73,14 @@ pub struct Monitor {
     pub quit: std::sync::mpsc::SyncSender<()>,
     /// IoThread objects by id.
     iothreads: Mutex<std::collections::BTreeMap<String, IoThreadObject>>,
+    /// The NBD server, if started, and its exports by id.
+    nbd: Mutex<Option<NbdState>>,
+}
+
+struct NbdState {
+    server: NbdServer,
+    /// Export id -> (NBD name, node name).
+    exports: std::collections::BTreeMap<String, (String, String)>,
 }
 
 /// An `iothread` object: one of the engine's own (from the command line) or one added later.
@@ -93,6 +107,19 @@ impl Monitor {
             clients: Mutex::new(Vec::new()),
             quit,
             iothreads: Mutex::new(std::collections::BTreeMap::new()),
+            nbd: Mutex::new(None),
+        }
+    }
+
+    /// Runs a command given on the command line (`--nbd-server`, `--export`) as its QMP form.
+    pub fn launch_command(&self, name: &str, args: Map<String, Value>) -> Result<Value, QmpError> {
+        self.execute(name, args)
+    }
+
+    /// Stops the NBD server (clients disconnected, exports released).
+    pub fn stop_nbd(&self) {
+        if let Some(mut st) = self.nbd.lock().take() {
+            st.server.stop();
         }
     }
 
@@ -288,6 +315,31 @@ impl Handler for Monitor {
             "object-add" => self.cmd_object_add(a),
             "object-del" => self.cmd_object_del(a),
             "x-blockdev-set-iothread" => self.cmd_set_iothread(a),
+            "nbd-server-start" => self.cmd_nbd_server_start(a),
+            "nbd-server-stop" => {
+                a.finish()?;
+                match self.nbd.lock().take() {
+                    Some(mut st) => {
+                        st.server.stop();
+                        Ok(json!({}))
+                    }
+                    None => Err(QmpError::generic("NBD server not running")),
+                }
+            }
+            "block-export-add" => self.cmd_block_export_add(a),
+            "block-export-del" => self.cmd_block_export_del(a),
+            "query-block-exports" => {
+                a.finish()?;
+                let nbd = self.nbd.lock();
+                let list: Vec<Value> = nbd
+                    .iter()
+                    .flat_map(|st| st.exports.iter())
+                    .map(|(id, (_, node))| {
+                        json!({"type": "nbd", "id": id, "node-name": node, "shutting-down": false})
+                    })
+                    .collect();
+                Ok(Value::Array(list))
+            }
             "query-block-jobs" => {
                 a.finish()?;
                 Ok(Value::Array(
@@ -636,6 +688,144 @@ impl Monitor {
         Ok(json!({}))
     }
 
+    fn cmd_nbd_server_start(&self, mut a: Args) -> Result<Value, QmpError> {
+        let mut addr = a
+            .object("addr")?
+            .ok_or_else(|| QmpError::generic("Parameter 'addr' is missing"))?;
+        let kind = addr.str("type")?;
+        // QMP's nbd-server-start nests the address under 'data' (SocketAddressLegacy);
+        // the --nbd-server option gives it flat.
+        let mut fields = match addr.object("data")? {
+            Some(d) => d,
+            None => addr,
+        };
+        let nbd_addr = match kind.as_str() {
+            "unix" => NbdAddr::Unix(PathBuf::from(fields.str("path")?)),
+            "inet" => {
+                let host = fields.str("host")?;
+                let port = fields.str("port")?;
+                let port: u16 = port.parse().map_err(|_| {
+                    QmpError::generic(format!(
+                        "Parameter 'port' expects a port number, not '{port}'"
+                    ))
+                })?;
+                for k in ["numeric", "to", "ipv4", "ipv6", "keep-alive"] {
+                    let _ = fields.take(k);
+                }
+                NbdAddr::Inet(host, port)
+            }
+            other => {
+                return Err(QmpError::generic(format!(
+                    "NBD server address type '{other}' is not supported (unix, inet)"
+                )))
+            }
+        };
+        fields.finish()?;
+        let max = a.opt_size("max-connections")?.unwrap_or(0);
+        if a.has("tls-creds") || a.has("tls-authz") {
+            return Err(QmpError::generic("TLS is not supported by this NBD server"));
+        }
+        a.finish()?;
+        let mut nbd = self.nbd.lock();
+        if nbd.is_some() {
+            return Err(QmpError::generic("NBD server already running"));
+        }
+        let server = NbdServer::start(nbd_addr, max.min(u32::MAX as u64) as u32)?;
+        *nbd = Some(NbdState {
+            server,
+            exports: std::collections::BTreeMap::new(),
+        });
+        Ok(json!({}))
+    }
+
+    fn cmd_block_export_add(&self, mut a: Args) -> Result<Value, QmpError> {
+        let kind = a.str("type")?;
+        let id = a.str("id")?;
+        let node = a.str("node-name")?;
+        let writable = a.opt_bool("writable")?.unwrap_or(false);
+        let _writethrough = a.opt_bool("writethrough")?;
+        let _iothread = a.opt_str("iothread")?;
+        let _fixed = a.opt_bool("fixed-iothread")?;
+        let name = a.opt_str("name")?.unwrap_or_else(|| node.clone());
+        let description = a.opt_str("description")?;
+        for k in ["bitmaps", "allocation-depth"] {
+            if a.has(k) {
+                return Err(QmpError::generic(format!(
+                    "block-export-add: '{k}' is not supported"
+                )));
+            }
+        }
+        a.finish()?;
+        if kind != "nbd" {
+            return Err(QmpError::generic(format!(
+                "Parameter 'type' does not accept value '{kind}'"
+            )));
+        }
+        let mut nbd = self.nbd.lock();
+        let Some(st) = nbd.as_mut() else {
+            return Err(QmpError::generic("NBD server not running"));
+        };
+        if st.exports.contains_key(&id) {
+            return Err(QmpError::generic(format!(
+                "Block export id '{id}' is already in use"
+            )));
+        }
+        if st.exports.values().any(|(n, _)| *n == name) {
+            return Err(QmpError::generic(format!(
+                "NBD server already has export named '{name}'"
+            )));
+        }
+        if name.len() > 4096 {
+            return Err(QmpError::generic(format!("export name '{name}' too long")));
+        }
+        let backend = self.engine.backend(
+            &node,
+            &[],
+            engine::BackendOptions {
+                name: Some(format!("export '{id}'")),
+                read_only: !writable,
+                share_rw: true,
+                ..Default::default()
+            },
+        )?;
+        st.server.add_export(engine::nbd::Export::new(
+            &name,
+            description,
+            writable,
+            backend,
+        ))?;
+        st.exports.insert(id, (name, node));
+        Ok(json!({}))
+    }
+
+    fn cmd_block_export_del(&self, mut a: Args) -> Result<Value, QmpError> {
+        let id = a.str("id")?;
+        let hard = a
+            .opt_enum("mode", &[("safe", false), ("hard", true)])?
+            .unwrap_or(false);
+        a.finish()?;
+        let mut nbd = self.nbd.lock();
+        let Some(st) = nbd.as_mut() else {
+            return Err(QmpError::generic(format!("Export '{id}' is not found")));
+        };
+        let Some((name, _)) = st.exports.get(&id).cloned() else {
+            return Err(QmpError::generic(format!("Export '{id}' is not found")));
+        };
+        st.server.remove_export(&name, hard).map_err(|_| {
+            QmpError::generic(format!(
+                "export '{id}' still in use (use mode='hard' to force client disconnect)"
+            ))
+        })?;
+        st.exports.remove(&id);
+        drop(nbd);
+        self.broadcast(&event(
+            "BLOCK_EXPORT_DELETED",
+            json!({"id": id}),
+            std::time::SystemTime::now(),
+        ));
+        Ok(json!({}))
+    }
+
     fn cmd_blockdev_snapshot(&self, mut a: Args) -> Result<Value, QmpError> {
         let node = a.str("node")?;
         let overlay = a.str("overlay")?;
@@ -940,28 +1130,53 @@ fn node_filename(n: &Arc<Node>) -> String {
     engine::job::chain::image_filename(n).unwrap_or_default()
 }
 
-/// ImageInfo (recursive over the backing chain).
+/// ImageInfo, recursive over the chain as QEMU walks it (the backing child, or a filter's
+/// filtered child). A file node's length is counted in 512-byte sectors, as QEMU counts it.
 fn image_info(n: &Arc<Node>) -> Value {
+    let is_file = n.driver_as::<FileDriver>().is_some();
+    let filename = node_filename(n);
     let mut v = json!({
-        "virtual-size": n.len(),
-        "filename": node_filename(n),
+        "virtual-size": if is_file { n.len().next_multiple_of(512) } else { n.len() },
+        "filename": filename,
         "format": n.driver_name(),
         "dirty-flag": false,
     });
     if let Some(size) = actual_size(n) {
         v["actual-size"] = json!(size);
     }
+    if is_file {
+        v["format-specific"] = json!({"type": "file", "data": {}});
+    }
     if let Some(q) = n.driver_as::<Qcow2Driver>() {
         v["cluster-size"] = json!(q.cluster_size());
+        let h = q.info().header;
+        let mut data = json!({
+            "compat": if h.version >= 3 { "1.1" } else { "0.10" },
+            "compression-type": match h.compression {
+                engine::drivers::qcow2::header::Compression::Zlib => "zlib",
+                engine::drivers::qcow2::header::Compression::Zstd => "zstd",
+            },
+            "refcount-bits": h.refcount_bits(),
+        });
+        if h.version >= 3 {
+            use engine::drivers::qcow2::header::{COMPAT_LAZY_REFCOUNTS, INCOMPAT_CORRUPT};
+            data["lazy-refcounts"] = json!(h.compatible & COMPAT_LAZY_REFCOUNTS != 0);
+            data["corrupt"] = json!(h.incompatible & INCOMPAT_CORRUPT != 0);
+            data["extended-l2"] = json!(h.extended_l2());
+        }
+        v["format-specific"] = json!({"type": "qcow2", "data": data});
         if let (Some(b), fmt) = q.backing_name() {
+            let full = engine::image::resolve_backing(std::path::Path::new(&filename), &b)
+                .map(|p| p.display().to_string())
+                .unwrap_or_else(|_| b.clone());
             v["backing-filename"] = json!(b);
-            v["full-backing-filename"] = json!(b);
+            v["full-backing-filename"] = json!(full);
             if let Some(f) = fmt {
                 v["backing-filename-format"] = json!(f);
             }
         }
     }
-    if let Some(b) = n.backing() {
+    if let Some(b) = n.filter_or_cow_child() {
         v["backing-image"] = image_info(&b);
     }
     v
@@ -977,20 +1192,29 @@ fn file_node(n: &Arc<Node>) -> Option<Arc<Node>> {
     c.driver_as::<FileDriver>().is_some().then_some(c)
 }
 
+/// The space the node's files take, as QEMU's bdrv_get_allocated_file_size counts it: a
+/// file's allocation; none for the other protocols (blkdebug, null-co); a filter's filtered
+/// child; a format's file child.
 fn actual_size(n: &Arc<Node>) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
-    let f = file_node(n)?;
-    let path = f.driver_as::<FileDriver>()?.path().to_string();
-    std::fs::metadata(path).ok().map(|m| m.blocks() * 512)
+    if let Some(f) = n.driver_as::<FileDriver>() {
+        return std::fs::metadata(f.path()).ok().map(|m| m.blocks() * 512);
+    }
+    match n.driver_name() {
+        "blkdebug" | "null-co" => None,
+        _ if n.is_filter() => actual_size(&n.filter_or_cow_child()?),
+        _ => actual_size(&n.file()?),
+    }
 }
 
 /// BlockDeviceInfo, as query-named-block-nodes shows a node.
 fn block_device_info(n: &Arc<Node>, flat: bool) -> Value {
+    // QEMU counts the depth only in the nested form (flat stops at the node itself).
     let mut depth = 0;
-    let mut b = n.backing();
+    let mut b = if flat { None } else { n.filter_or_cow_child() };
     while let Some(x) = b {
         depth += 1;
-        b = x.backing();
+        b = x.filter_or_cow_child();
     }
     let cache = file_node(n)
         .and_then(|f| f.driver_as::<FileDriver>().map(|d| d.cache_mode()))

@@ -4,7 +4,8 @@
 //! ```text
 //! strata daemon --qmp PATH [--iothreads N]
 //! strata daemon --chardev socket,path=P,server=on,wait=off,id=X --monitor chardev=X \
-//!               [--object iothread,id=N]... [--blockdev JSON]...
+//!               [--object iothread,id=N]... [--blockdev JSON]... \
+//!               [--nbd-server addr.type=unix,addr.path=P] [--export type=nbd,id=E,node-name=N]...
 //! ```
 //!
 //! The second form is qemu-storage-daemon's own launch syntax, so its command lines work with
@@ -50,6 +51,48 @@ pub struct DaemonArgs {
     /// A node to add at start, as blockdev-add's arguments in JSON
     #[arg(long, value_name = "JSON")]
     blockdev: Vec<String>,
+    /// qemu-storage-daemon's NBD server: addr.type=unix,addr.path=P[,max-connections=N]
+    /// (or addr.type=inet,addr.host=H,addr.port=P)
+    #[arg(long = "nbd-server", value_name = "OPTS")]
+    nbd_server: Option<String>,
+    /// qemu-storage-daemon's exports: type=nbd,id=X,node-name=N[,name=..][,writable=on]
+    #[arg(long, value_name = "OPTS")]
+    export: Vec<String>,
+}
+
+/// Turns `a.b=v,c=w` into nested JSON (`{"a": {"b": "v"}, "c": "w"}`); `on`/`off` and
+/// numbers for the keys that QAPI types as booleans and integers.
+fn dotted_to_json(
+    s: &str,
+    bools: &[&str],
+    ints: &[&str],
+) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::Value;
+    let mut root = serde_json::Map::new();
+    for (k, v) in keyvals(s).1 {
+        let value = if bools.contains(&k.as_str()) {
+            Value::Bool(matches!(v.as_str(), "on" | "true" | "yes"))
+        } else if ints.contains(&k.as_str()) {
+            v.parse::<u64>()
+                .map(Value::from)
+                .unwrap_or(Value::String(v))
+        } else {
+            Value::String(v)
+        };
+        let mut map = &mut root;
+        let parts: Vec<&str> = k.split('.').collect();
+        for p in &parts[..parts.len() - 1] {
+            let e = map
+                .entry(p.to_string())
+                .or_insert_with(|| Value::Object(Default::default()));
+            if !e.is_object() {
+                *e = Value::Object(Default::default());
+            }
+            map = e.as_object_mut().expect("object");
+        }
+        map.insert(parts[parts.len() - 1].to_string(), value);
+    }
+    root
 }
 
 /// Parses `key=value,key=value` (the first item may be a bare word: the type).
@@ -176,6 +219,18 @@ fn run(args: DaemonArgs) -> Result<(), String> {
             .blockdev_add(m)
             .map_err(|e| format!("--blockdev: {}", e.desc))?;
     }
+    if let Some(n) = &args.nbd_server {
+        let a = dotted_to_json(n, &[], &["max-connections"]);
+        monitor
+            .launch_command("nbd-server-start", a)
+            .map_err(|e| format!("--nbd-server: {}", e.desc))?;
+    }
+    for x in &args.export {
+        let a = dotted_to_json(x, &["writable", "writethrough"], &[]);
+        monitor
+            .launch_command("block-export-add", a)
+            .map_err(|e| format!("--export: {}", e.desc))?;
+    }
     let mut listeners = Vec::new();
     for p in &paths {
         let _ = std::fs::remove_file(p);
@@ -213,6 +268,7 @@ fn run(args: DaemonArgs) -> Result<(), String> {
     let _ = quit_rx.recv();
     // In order: jobs cancelled, images flushed and closed (the Engine's drop does both and
     // releases the image locks), then the sockets go.
+    monitor.stop_nbd();
     monitor.engine.close_all();
     monitor.stop_added_iothreads();
     for p in &paths {

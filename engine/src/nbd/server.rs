@@ -54,6 +54,8 @@ pub struct Export {
     connections: AtomicU32,
     /// Set when the export is removed: its connections end.
     gone: AtomicBool,
+    /// Its clients' sockets (connection id, socket), to hang up on a hard removal.
+    clients: Mutex<Vec<(u64, Stream)>>,
 }
 
 impl Export {
@@ -71,6 +73,7 @@ impl Export {
             backend,
             connections: AtomicU32::new(0),
             gone: AtomicBool::new(false),
+            clients: Mutex::new(Vec::new()),
         }
     }
 
@@ -263,6 +266,9 @@ impl NbdServer {
         }
         e.gone.store(true, Ordering::Release);
         ex.remove(name);
+        for (_, c) in e.clients.lock().drain(..) {
+            c.shutdown();
+        }
         Ok(e)
     }
 
@@ -341,7 +347,7 @@ fn accept_loop(shared: Arc<Shared>, l: Listener) {
         let spawned = std::thread::Builder::new()
             .name("nbd-client".into())
             .spawn(move || {
-                let _ = serve(&sh, s);
+                let _ = serve(&sh, s, id);
                 sh.sockets.lock().retain(|(i, _)| *i != id);
                 sh.connections.fetch_sub(1, Ordering::AcqRel);
             });
@@ -375,13 +381,22 @@ fn invalid(msg: &str) -> io::Error {
 }
 
 /// Serves one client: handshake, then transmission.
-fn serve(shared: &Arc<Shared>, mut s: Stream) -> io::Result<()> {
+fn serve(shared: &Arc<Shared>, mut s: Stream, id: u64) -> io::Result<()> {
     let Some(sess) = handshake(shared, &mut s)? else {
         return Ok(());
     };
-    sess.export.connections.fetch_add(1, Ordering::AcqRel);
+    let export = &sess.export;
+    export.connections.fetch_add(1, Ordering::AcqRel);
+    if let Ok(c) = s.try_clone() {
+        export.clients.lock().push((id, c));
+    }
+    // Removed while the handshake ran: hang up at once.
+    if export.gone.load(Ordering::Acquire) {
+        s.shutdown();
+    }
     let r = transmission(&sess, s);
-    sess.export.connections.fetch_sub(1, Ordering::AcqRel);
+    export.clients.lock().retain(|(i, _)| *i != id);
+    export.connections.fetch_sub(1, Ordering::AcqRel);
     r
 }
 
