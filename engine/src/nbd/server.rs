@@ -13,23 +13,32 @@
 //! not failed. Bad input gets the protocol's answer (an error reply, or for a malformed
 //! request header a closed connection) and never affects other clients.
 
-use std::collections::BTreeMap;
+use std::cell::{Cell, RefCell};
+use std::collections::{BTreeMap, VecDeque};
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
+use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::{Poll, Waker};
 
 use graph::{Error, ErrorKind, Result, WriteFlags, ZeroFlags};
+use iothreads::op::Fd;
 use iothreads::IoBuf;
-use parking_lot::{Condvar, Mutex};
+use parking_lot::Mutex;
 
 use super::proto::*;
 use crate::backend::Backend;
 
 /// Requests a connection may have in flight at once.
 pub const MAX_IN_FLIGHT: u64 = 64;
+/// Bytes read from a client socket at a time.
+const RECV_BUF: usize = 256 << 10;
+/// Replies sent in one `writev` at most.
+const WRITE_BATCH: usize = 64;
 
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -394,7 +403,8 @@ fn serve(shared: &Arc<Shared>, mut s: Stream, id: u64) -> io::Result<()> {
     if export.gone.load(Ordering::Acquire) {
         s.shutdown();
     }
-    let r = transmission(&sess, s);
+    let export = Arc::clone(export);
+    let r = transmission(sess, s);
     export.clients.lock().retain(|(i, _)| *i != id);
     export.connections.fetch_sub(1, Ordering::AcqRel);
     r
@@ -583,212 +593,378 @@ fn handshake(shared: &Shared, s: &mut Stream) -> io::Result<Option<Session>> {
     }
 }
 
-/// Counts requests in flight; the reader waits on it.
-struct InFlight {
-    n: Mutex<u64>,
-    cv: Condvar,
-}
-
-impl InFlight {
-    fn enter(&self) {
-        let mut n = self.n.lock();
-        while *n >= MAX_IN_FLIGHT {
-            self.cv.wait(&mut n);
-        }
-        *n += 1;
-    }
-
-    fn leave(&self) {
-        let mut n = self.n.lock();
-        *n -= 1;
-        self.cv.notify_all();
-    }
-
-    fn wait_idle(&self) {
-        let mut n = self.n.lock();
-        while *n > 0 {
-            self.cv.wait(&mut n);
-        }
-    }
-}
-
-/// A reply on its way to the writer: header bytes and, for reads, the data.
+/// A reply on its way out: header bytes and, for reads, the data.
 struct Reply {
     head: Vec<u8>,
     data: Option<IoBuf>,
 }
 
-fn transmission(sess: &Session, mut s: Stream) -> io::Result<()> {
-    let writer_stream = s.try_clone()?;
-    let (tx, rx) = crossbeam_channel::unbounded::<Reply>();
-    let writer = std::thread::Builder::new()
-        .name("nbd-writer".into())
-        .spawn(move || {
-            let mut w = writer_stream;
-            for r in rx {
-                let ok = w.write_all(&r.head).is_ok()
-                    && r.data.as_ref().is_none_or(|d| w.write_all(&d[..]).is_ok());
-                if !ok {
-                    w.shutdown();
-                    // Keep draining so senders never block; the replies are lost with the
-                    // connection.
-                }
-            }
-        })?;
-    let in_flight = Arc::new(InFlight {
-        n: Mutex::new(0),
-        cv: Condvar::new(),
-    });
-    let r = request_loop(sess, &mut s, &tx, &in_flight);
-    in_flight.wait_idle();
-    drop(tx);
-    let _ = writer.join();
-    s.shutdown();
-    r
+/// The state a connection's tasks share on its IoThread.
+#[derive(Default)]
+struct Conn {
+    replies: RefCell<VecDeque<Reply>>,
+    in_flight: Cell<u64>,
+    /// The reader has stopped (EOF, DISC, error, or the export went).
+    reader_done: Cell<bool>,
+    /// A write to the client failed: nothing more is sent.
+    broken: Cell<bool>,
+    writer: Cell<Option<Waker>>,
+    reader: Cell<Option<Waker>>,
 }
 
-fn request_loop(
-    sess: &Session,
-    s: &mut Stream,
-    tx: &crossbeam_channel::Sender<Reply>,
-    in_flight: &Arc<InFlight>,
-) -> io::Result<()> {
+impl Conn {
+    fn push(&self, r: Reply) {
+        self.replies.borrow_mut().push_back(r);
+        if let Some(w) = self.writer.take() {
+            w.wake();
+        }
+    }
+
+    fn finish_one(&self) {
+        self.in_flight.set(self.in_flight.get() - 1);
+        if let Some(w) = self.reader.take() {
+            w.wake();
+        }
+        if let Some(w) = self.writer.take() {
+            w.wake();
+        }
+    }
+}
+
+/// Serves the transmission phase on one of the export's IoThreads: a reader task parses
+/// requests from the socket and starts a task per request; a writer task sends replies as
+/// they complete, many per `writev`. Nothing crosses a thread per request.
+fn transmission(sess: Session, s: Stream) -> io::Result<()> {
+    let threads = sess.export.backend.threads();
+    static NEXT: AtomicU64 = AtomicU64::new(0);
+    let t = threads[(NEXT.fetch_add(1, Ordering::Relaxed) as usize) % threads.len()].clone();
+    let fd = match &s {
+        Stream::Unix(u) => u.as_raw_fd(),
+        Stream::Tcp(t) => t.as_raw_fd(),
+    };
+    let r = t.block_on(move || async move {
+        let conn = Rc::new(Conn::default());
+        let writer = iothreads::spawn_local(write_loop(fd, Rc::clone(&conn)));
+        let r = read_loop(&sess, fd, &conn).await;
+        conn.reader_done.set(true);
+        if let Some(w) = conn.writer.take() {
+            w.wake();
+        }
+        let _ = writer.await;
+        r
+    });
+    drop(s);
+    r.map_err(io::Error::other)?
+}
+
+async fn read_loop(sess: &Session, fd: RawFd, conn: &Rc<Conn>) -> io::Result<()> {
     let export = &sess.export;
-    let mut hdr = [0u8; REQUEST_LEN];
+    let mut pending: Vec<u8> = Vec::with_capacity(RECV_BUF);
+    let mut at = 0usize;
+    let mut rbuf = IoBuf::new(RECV_BUF);
     loop {
-        if export.gone.load(Ordering::Acquire) {
-            return Ok(());
-        }
-        if s.read_exact(&mut hdr).is_err() {
-            return Ok(()); // the client went away
-        }
-        let Some(req) = Request::decode(&hdr) else {
-            return Err(invalid("bad request magic"));
-        };
-        let error = |code: u32, msg: &str| error_reply(sess, req.cookie, code, msg);
-        let size = export.backend.len();
-        let in_range = req
-            .offset
-            .checked_add(u64::from(req.length))
-            .is_some_and(|end| end <= size);
-        match req.kind {
-            CMD_DISC => return Ok(()),
-            CMD_WRITE => {
+        // Parse every complete request in hand.
+        loop {
+            if export.gone.load(Ordering::Acquire) || conn.broken.get() {
+                return Ok(());
+            }
+            let avail = &pending[at..];
+            if avail.len() < REQUEST_LEN {
+                break;
+            }
+            let hdr: &[u8; REQUEST_LEN] = avail[..REQUEST_LEN].try_into().unwrap();
+            let Some(req) = Request::decode(hdr) else {
+                return Err(invalid("bad request magic"));
+            };
+            let payload = if req.kind == CMD_WRITE {
                 if req.length > MAX_PAYLOAD {
-                    // The payload cannot be skipped safely: answer and hang up.
-                    let _ = tx.send(error(EOVERFLOW, "write payload too large"));
+                    conn.push(error_reply(
+                        sess,
+                        req.cookie,
+                        EOVERFLOW,
+                        "write payload too large",
+                    ));
                     return Ok(());
                 }
-                let mut buf = IoBuf::new(req.length as usize);
-                s.read_exact(&mut buf[..])?;
-                if !export.writable {
-                    let _ = tx.send(error(EPERM, "export is read-only"));
-                    continue;
+                if avail.len() < REQUEST_LEN + req.length as usize {
+                    break;
                 }
-                if !in_range {
-                    let _ = tx.send(error(ENOSPC, "write past the end of the export"));
-                    continue;
-                }
-                let flags = WriteFlags {
-                    fua: req.flags & CMD_FLAG_FUA != 0,
-                };
-                let b = export.backend.clone();
-                dispatch(sess, tx, in_flight, req.cookie, move || async move {
-                    let (r, _) = b.write_with(req.offset, buf, flags).await;
-                    r.map(|_| None)
-                });
+                Some(IoBuf::from_slice(
+                    &avail[REQUEST_LEN..REQUEST_LEN + req.length as usize],
+                ))
+            } else {
+                None
+            };
+            at += REQUEST_LEN + payload.as_ref().map_or(0, |p| p.len());
+            if req.kind == CMD_DISC {
+                return Ok(());
             }
-            CMD_READ => {
-                if req.length > MAX_PAYLOAD {
-                    let _ = tx.send(error(EINVAL, "read request too large"));
-                    continue;
-                }
-                if !in_range {
-                    let _ = tx.send(error(EINVAL, "read past the end of the export"));
-                    continue;
-                }
-                let b = export.backend.clone();
-                let len = req.length as usize;
-                dispatch(sess, tx, in_flight, req.cookie, move || async move {
-                    let (r, buf) = b.read(req.offset, IoBuf::new(len)).await;
-                    r.map(|_| Some((req.offset, buf)))
-                });
-            }
-            CMD_FLUSH => {
-                let b = export.backend.clone();
-                dispatch(sess, tx, in_flight, req.cookie, move || async move {
-                    b.flush().await.map(|_| None)
-                });
-            }
-            CMD_TRIM | CMD_WRITE_ZEROES => {
-                if !export.writable {
-                    let _ = tx.send(error(EPERM, "export is read-only"));
-                    continue;
-                }
-                if !in_range {
-                    let _ = tx.send(error(ENOSPC, "request past the end of the export"));
-                    continue;
-                }
-                let b = export.backend.clone();
-                let fua = req.flags & CMD_FLAG_FUA != 0;
-                let (off, len) = (req.offset, u64::from(req.length));
-                if req.kind == CMD_TRIM {
-                    dispatch(sess, tx, in_flight, req.cookie, move || async move {
-                        b.discard(off, len).await?;
-                        if fua {
-                            b.flush().await?;
-                        }
-                        Ok(None)
-                    });
+            // Back-pressure: at most MAX_IN_FLIGHT requests at once.
+            std::future::poll_fn(|cx| {
+                if conn.in_flight.get() < MAX_IN_FLIGHT {
+                    Poll::Ready(())
                 } else {
-                    let flags = ZeroFlags {
-                        may_unmap: req.flags & CMD_FLAG_NO_HOLE == 0,
-                        no_fallback: req.flags & CMD_FLAG_FAST_ZERO != 0,
-                        fua,
-                    };
-                    dispatch(sess, tx, in_flight, req.cookie, move || async move {
-                        b.write_zeroes(off, len, flags).await.map(|_| None)
-                    });
+                    conn.reader.set(Some(cx.waker().clone()));
+                    Poll::Pending
+                }
+            })
+            .await;
+            start_request(sess, conn, req, payload);
+        }
+        // Compact, then read more.
+        if at > 0 {
+            pending.drain(..at);
+            at = 0;
+        }
+        let (r, b) = iothreads::op::read_at(Fd::Raw(fd), 0, rbuf).await;
+        rbuf = b;
+        match r {
+            Ok(0) => return Ok(()),
+            Ok(n) => pending.extend_from_slice(&rbuf[..n]),
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) => {}
+            Err(_) => return Ok(()),
+        }
+    }
+}
+
+/// Sends replies as they come, batching whatever is ready into one `writev`.
+async fn write_loop(fd: RawFd, conn: Rc<Conn>) {
+    loop {
+        let batch: Vec<Reply> = std::future::poll_fn(|cx| {
+            let mut q = conn.replies.borrow_mut();
+            if !q.is_empty() {
+                let n = q.len().min(WRITE_BATCH);
+                return Poll::Ready(Some(q.drain(..n).collect()));
+            }
+            if conn.reader_done.get() && conn.in_flight.get() == 0 {
+                return Poll::Ready(None);
+            }
+            conn.writer.set(Some(cx.waker().clone()));
+            Poll::Pending
+        })
+        .await
+        .unwrap_or_default();
+        if batch.is_empty() {
+            return;
+        }
+        if conn.broken.get() {
+            continue;
+        }
+        let mut bufs: Vec<IoBuf> = Vec::with_capacity(batch.len() * 2);
+        for r in batch {
+            bufs.push(IoBuf::from_slice(&r.head));
+            if let Some(d) = r.data {
+                bufs.push(d);
+            }
+        }
+        if !send_all(fd, bufs).await {
+            conn.broken.set(true);
+            // SAFETY: shutdown only changes the socket's state; the fd stays open.
+            unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
+        }
+    }
+}
+
+/// Writes every buffer to the socket, resuming after short writes.
+async fn send_all(fd: RawFd, mut bufs: Vec<IoBuf>) -> bool {
+    while !bufs.is_empty() {
+        let (r, back) = iothreads::op::writev_at(Fd::Raw(fd), 0, bufs).await;
+        bufs = back;
+        let mut n = match r {
+            Ok(0) => return false,
+            Ok(n) => n,
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) => 0,
+            Err(_) => return false,
+        };
+        // Drop what went out; trim a partly written buffer.
+        let mut keep = Vec::with_capacity(bufs.len());
+        for mut b in bufs {
+            if n >= b.len() {
+                n -= b.len();
+                continue;
+            }
+            if n > 0 {
+                let w = b.window();
+                b.set_window(w.start + n..w.end);
+                n = 0;
+            }
+            keep.push(b);
+        }
+        bufs = keep;
+    }
+    true
+}
+
+/// Starts one request as a task of its own; its reply goes to the writer.
+fn start_request(sess: &Session, conn: &Rc<Conn>, req: Request, payload: Option<IoBuf>) {
+    let export = &sess.export;
+    let error = |code: u32, msg: &str| error_reply(sess, req.cookie, code, msg);
+    let size = export.backend.len();
+    let in_range = req
+        .offset
+        .checked_add(u64::from(req.length))
+        .is_some_and(|end| end <= size);
+    let structured = sess.structured;
+    let cookie = req.cookie;
+    let reply_now = |r: Reply| conn.push(r);
+    match req.kind {
+        CMD_WRITE => {
+            if !export.writable {
+                return reply_now(error(EPERM, "export is read-only"));
+            }
+            if !in_range {
+                return reply_now(error(ENOSPC, "write past the end of the export"));
+            }
+            let flags = WriteFlags {
+                fua: req.flags & CMD_FLAG_FUA != 0,
+            };
+            let b = export.backend.clone();
+            let buf = payload.expect("a write has its payload");
+            run(conn, structured, cookie, async move {
+                let (r, _) = b.write_with(req.offset, buf, flags).await;
+                r.map(|_| None)
+            });
+        }
+        CMD_READ => {
+            if req.length > MAX_PAYLOAD {
+                return reply_now(error(EINVAL, "read request too large"));
+            }
+            if !in_range {
+                return reply_now(error(EINVAL, "read past the end of the export"));
+            }
+            let b = export.backend.clone();
+            let len = req.length as usize;
+            run(conn, structured, cookie, async move {
+                let (r, buf) = b.read(req.offset, IoBuf::new(len)).await;
+                r.map(|_| Some((req.offset, buf)))
+            });
+        }
+        CMD_FLUSH => {
+            let b = export.backend.clone();
+            run(conn, structured, cookie, async move {
+                b.flush().await.map(|_| None)
+            });
+        }
+        CMD_TRIM | CMD_WRITE_ZEROES => {
+            if !export.writable {
+                return reply_now(error(EPERM, "export is read-only"));
+            }
+            if !in_range {
+                return reply_now(error(ENOSPC, "request past the end of the export"));
+            }
+            let b = export.backend.clone();
+            let fua = req.flags & CMD_FLAG_FUA != 0;
+            let (off, len) = (req.offset, u64::from(req.length));
+            if req.kind == CMD_TRIM {
+                run(conn, structured, cookie, async move {
+                    b.discard(off, len).await?;
+                    if fua {
+                        b.flush().await?;
+                    }
+                    Ok(None)
+                });
+            } else {
+                let flags = ZeroFlags {
+                    may_unmap: req.flags & CMD_FLAG_NO_HOLE == 0,
+                    no_fallback: req.flags & CMD_FLAG_FAST_ZERO != 0,
+                    fua,
+                };
+                run(conn, structured, cookie, async move {
+                    b.write_zeroes(off, len, flags).await.map(|_| None)
+                });
+            }
+        }
+        CMD_CACHE => {
+            if !in_range {
+                return reply_now(error(EINVAL, "request past the end of the export"));
+            }
+            reply_now(ok_reply(sess, cookie));
+        }
+        CMD_BLOCK_STATUS => {
+            if !sess.structured || !sess.base_allocation {
+                return reply_now(error(EINVAL, "no metadata context was negotiated"));
+            }
+            if !in_range || req.length == 0 {
+                return reply_now(error(EINVAL, "block status past the end of the export"));
+            }
+            let b = export.backend.clone();
+            let one = req.flags & CMD_FLAG_REQ_ONE != 0;
+            conn.in_flight.set(conn.in_flight.get() + 1);
+            let c = Rc::clone(conn);
+            drop(iothreads::spawn_local(async move {
+                let r = block_status(&b, req.offset, u64::from(req.length), one).await;
+                let reply = match r {
+                    Ok(extents) => status_reply(cookie, &extents),
+                    Err(e) => {
+                        structured_error(cookie, errno_to_nbd(e.raw_os_error()), &e.to_string())
+                    }
+                };
+                c.push(reply);
+                c.finish_one();
+            }));
+        }
+        _ => reply_now(error(EINVAL, "unknown command")),
+    }
+}
+
+/// Runs a request's future as a task; turns its result into the reply.
+fn run<F>(conn: &Rc<Conn>, structured: bool, cookie: u64, fut: F)
+where
+    F: std::future::Future<Output = io::Result<Option<(u64, IoBuf)>>> + 'static,
+{
+    conn.in_flight.set(conn.in_flight.get() + 1);
+    let c = Rc::clone(conn);
+    drop(iothreads::spawn_local(async move {
+        let reply = match fut.await {
+            Ok(None) => done_reply(structured, cookie),
+            Ok(Some((offset, buf))) => {
+                if structured {
+                    let mut head = chunk_header(
+                        cookie,
+                        REPLY_FLAG_DONE,
+                        REPLY_TYPE_OFFSET_DATA,
+                        8 + buf.len() as u32,
+                    )
+                    .to_vec();
+                    head.extend_from_slice(&offset.to_be_bytes());
+                    Reply {
+                        head,
+                        data: Some(buf),
+                    }
+                } else {
+                    Reply {
+                        head: simple_reply(cookie, 0).to_vec(),
+                        data: Some(buf),
+                    }
                 }
             }
-            CMD_CACHE => {
-                if !in_range {
-                    let _ = tx.send(error(EINVAL, "request past the end of the export"));
-                    continue;
+            Err(e) => {
+                let code = errno_to_nbd(e.raw_os_error());
+                if structured {
+                    structured_error(cookie, code, &e.to_string())
+                } else {
+                    Reply {
+                        head: simple_reply(cookie, code).to_vec(),
+                        data: None,
+                    }
                 }
-                let _ = tx.send(ok_reply(sess, req.cookie));
             }
-            CMD_BLOCK_STATUS => {
-                if !sess.structured || !sess.base_allocation {
-                    let _ = tx.send(error(EINVAL, "no metadata context was negotiated"));
-                    continue;
-                }
-                if !in_range || req.length == 0 {
-                    let _ = tx.send(error(EINVAL, "block status past the end of the export"));
-                    continue;
-                }
-                let b = export.backend.clone();
-                let one = req.flags & CMD_FLAG_REQ_ONE != 0;
-                let cookie = req.cookie;
-                in_flight.enter();
-                let (tx2, inf) = (tx.clone(), Arc::clone(in_flight));
-                let thread = b.threads()[0].clone();
-                drop(thread.spawn_with(move || async move {
-                    let r = block_status(&b, req.offset, u64::from(req.length), one).await;
-                    let reply = match r {
-                        Ok(extents) => status_reply(cookie, &extents),
-                        Err(e) => {
-                            let code = errno_to_nbd(e.raw_os_error());
-                            structured_error(cookie, code, &e.to_string())
-                        }
-                    };
-                    let _ = tx2.send(reply);
-                    inf.leave();
-                }));
-            }
-            _ => {
-                let _ = tx.send(error(EINVAL, "unknown command"));
-            }
+        };
+        c.push(reply);
+        c.finish_one();
+    }));
+}
+
+fn done_reply(structured: bool, cookie: u64) -> Reply {
+    if structured {
+        Reply {
+            head: chunk_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0).to_vec(),
+            data: None,
+        }
+    } else {
+        Reply {
+            head: simple_reply(cookie, 0).to_vec(),
+            data: None,
         }
     }
 }
@@ -860,83 +1036,5 @@ fn error_reply(sess: &Session, cookie: u64, code: u32, msg: &str) -> Reply {
 }
 
 fn ok_reply(sess: &Session, cookie: u64) -> Reply {
-    if sess.structured {
-        Reply {
-            head: chunk_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0).to_vec(),
-            data: None,
-        }
-    } else {
-        Reply {
-            head: simple_reply(cookie, 0).to_vec(),
-            data: None,
-        }
-    }
-}
-
-/// Runs a request on one of the export's IoThreads; its reply goes to the writer.
-fn dispatch<M, F>(
-    sess: &Session,
-    tx: &crossbeam_channel::Sender<Reply>,
-    in_flight: &Arc<InFlight>,
-    cookie: u64,
-    make: M,
-) where
-    M: FnOnce() -> F + Send + 'static,
-    F: std::future::Future<Output = io::Result<Option<(u64, IoBuf)>>> + 'static,
-{
-    in_flight.enter();
-    let (tx, inf, structured) = (tx.clone(), Arc::clone(in_flight), sess.structured);
-    let threads = sess.export.backend.threads();
-    let t = &threads[(cookie as usize) % threads.len()];
-    drop(t.spawn_with(move || async move {
-        let reply = match make().await {
-            Ok(None) => {
-                if structured {
-                    Reply {
-                        head: chunk_header(cookie, REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0).to_vec(),
-                        data: None,
-                    }
-                } else {
-                    Reply {
-                        head: simple_reply(cookie, 0).to_vec(),
-                        data: None,
-                    }
-                }
-            }
-            Ok(Some((offset, buf))) => {
-                if structured {
-                    let mut head = chunk_header(
-                        cookie,
-                        REPLY_FLAG_DONE,
-                        REPLY_TYPE_OFFSET_DATA,
-                        8 + buf.len() as u32,
-                    )
-                    .to_vec();
-                    head.extend_from_slice(&offset.to_be_bytes());
-                    Reply {
-                        head,
-                        data: Some(buf),
-                    }
-                } else {
-                    Reply {
-                        head: simple_reply(cookie, 0).to_vec(),
-                        data: Some(buf),
-                    }
-                }
-            }
-            Err(e) => {
-                let code = errno_to_nbd(e.raw_os_error());
-                if structured {
-                    structured_error(cookie, code, &e.to_string())
-                } else {
-                    Reply {
-                        head: simple_reply(cookie, code).to_vec(),
-                        data: None,
-                    }
-                }
-            }
-        };
-        let _ = tx.send(reply);
-        inf.leave();
-    }));
+    done_reply(sess.structured, cookie)
 }
