@@ -223,6 +223,18 @@ thread_local! {
     /// This thread's IoThread index (usize::MAX: not an IoThread). Kept apart from CURRENT so
     /// the per-request lookups of counters cost one thread-local load.
     static INDEX: Cell<usize> = const { Cell::new(usize::MAX) };
+    /// When the current loop turn began (read once per turn, for request-time accounting).
+    static TURN_START: Cell<Option<std::time::Instant>> = const { Cell::new(None) };
+}
+
+/// When the current IoThread's loop turn began: a clock for accounting that costs a
+/// thread-local load per use (one clock read per turn, not per request). Off an IoThread, the
+/// current time.
+#[inline]
+pub fn turn_time() -> std::time::Instant {
+    TURN_START
+        .with(|c| c.get())
+        .unwrap_or_else(std::time::Instant::now)
 }
 
 /// The current IoThread's index, from one thread-local load.
@@ -644,6 +656,7 @@ impl Local {
         INDEX.with(|c| c.set(self.shared.index));
         self.arm_eventfd();
         loop {
+            TURN_START.with(|c| c.set(Some(std::time::Instant::now())));
             self.take_injected();
             self.run_ready();
             if self.shared.shutdown.load(Ordering::Acquire) {

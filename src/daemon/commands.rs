@@ -665,17 +665,10 @@ impl Monitor {
 
     fn cmd_set_iothread(&self, mut a: Args) -> Result<Value, QmpError> {
         let node = a.str("node-name")?;
-        let io = match a.take("iothread") {
+        let id = match a.take("iothread") {
             None => return Err(QmpError::generic("Parameter 'iothread' is missing")),
             Some(Value::Null) => None,
-            Some(Value::String(id)) => {
-                let objs = self.iothreads.lock();
-                let h = objs
-                    .get(&id)
-                    .and_then(|o| o.handle(&self.engine))
-                    .ok_or_else(|| QmpError::generic(format!("Cannot find iothread {id}")))?;
-                Some(h)
-            }
+            Some(Value::String(id)) => Some(id),
             Some(_) => {
                 return Err(QmpError::generic(
                     "Invalid parameter type for 'iothread', expected: StrOrNull",
@@ -684,6 +677,22 @@ impl Monitor {
         };
         let force = a.opt_bool("force")?.unwrap_or(false);
         a.finish()?;
+        // QEMU's order: the node, then the iothread.
+        if graph::find_node(&node).is_none() {
+            return Err(QmpError::generic(format!(
+                "Failed to find node with node-name='{node}'"
+            )));
+        }
+        let io = match id {
+            None => None,
+            Some(id) => Some(
+                self.iothreads
+                    .lock()
+                    .get(&id)
+                    .and_then(|o| o.handle(&self.engine))
+                    .ok_or_else(|| QmpError::generic(format!("Cannot find iothread {id}")))?,
+            ),
+        };
         self.engine.set_node_iothread(&node, io, force)?;
         Ok(json!({}))
     }
@@ -891,6 +900,9 @@ impl Monitor {
                             "unmap_operations": s.discard_ops,
                             "failed_rd_operations": 0,
                             "failed_wr_operations": s.failed_ops,
+                            "rd_total_time_ns": s.rd_total_time_ns,
+                            "wr_total_time_ns": s.wr_total_time_ns,
+                            "flush_total_time_ns": s.flush_total_time_ns,
                         }
                     })
                 })
