@@ -44,6 +44,15 @@ impl Args {
         }
     }
 
+    /// Arguments nested under member `key` (an inline child), whose errors name their
+    /// place as QEMU does ("file.filename").
+    pub fn nested(&self, key: &str, map: Map<String, Value>) -> Args {
+        Args {
+            map,
+            prefix: format!("{}.", self.full(key)),
+        }
+    }
+
     /// Takes a member as it is.
     pub fn take(&mut self, key: &str) -> Option<Value> {
         self.map.remove(key)

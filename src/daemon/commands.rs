@@ -3,7 +3,7 @@
 //! time under the monitor lock, as in QEMU's monitor.
 
 use std::path::PathBuf;
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use engine::drivers::blkdebug::{BlkdebugOptions, ErrorRule, IoType};
@@ -60,6 +60,57 @@ pub const COMMANDS: &[&str] = &[
     "block-export-add",
     "block-export-del",
     "query-block-exports",
+];
+
+/// QEMU 10's BlockdevDriver values: a name outside them is refused with the enum's text.
+const QEMU_DRIVERS: &[&str] = &[
+    "blkdebug",
+    "blklogwrites",
+    "blkreplay",
+    "blkverify",
+    "bochs",
+    "cloop",
+    "compress",
+    "copy-before-write",
+    "copy-on-read",
+    "dmg",
+    "file",
+    "snapshot-access",
+    "ftp",
+    "ftps",
+    "gluster",
+    "host_cdrom",
+    "host_device",
+    "http",
+    "https",
+    "io_uring",
+    "iscsi",
+    "luks",
+    "nbd",
+    "nfs",
+    "null-aio",
+    "null-co",
+    "nvme",
+    "nvme-io_uring",
+    "parallels",
+    "preallocate",
+    "qcow",
+    "qcow2",
+    "qed",
+    "quorum",
+    "raw",
+    "rbd",
+    "replication",
+    "ssh",
+    "throttle",
+    "vdi",
+    "vhdx",
+    "virtio-blk-vfio-pci",
+    "virtio-blk-vhost-user",
+    "virtio-blk-vhost-vdpa",
+    "vmdk",
+    "vpc",
+    "vvfat",
 ];
 
 /// The monitor: the engine and the clients that receive events.
@@ -154,11 +205,23 @@ impl Monitor {
         }
     }
 
-    /// Turns job events into QMP events, until the engine goes.
-    pub fn forward_events(&self, events: engine::job::JobEvents) {
-        while let Ok(ev) = events.recv() {
-            for msg in qmp_events(&ev) {
-                self.broadcast(&msg);
+    /// Turns job events into QMP events, until the engine goes or `closing` is set and no
+    /// event is left (so the events of the shutdown itself, the jobs it cancels, still
+    /// reach the clients before the daemon exits).
+    pub fn forward_events(&self, events: engine::job::JobEvents, closing: &AtomicBool) {
+        loop {
+            match events.recv_timeout(std::time::Duration::from_millis(50)) {
+                Ok(ev) => {
+                    for msg in qmp_events(&ev) {
+                        self.broadcast(&msg);
+                    }
+                }
+                Err(e) if e.is_timeout() => {
+                    if closing.load(Ordering::Acquire) {
+                        return;
+                    }
+                }
+                Err(_) => return,
             }
         }
     }
@@ -604,9 +667,15 @@ impl Monitor {
                 }
                 CreateTarget::Qcow2 { file, opts: c }
             }
-            other => {
+            other if QEMU_DRIVERS.contains(&other) => {
                 return Err(QmpError::generic(format!(
                     "Driver '{other}' does not support blockdev-create"
+                )))
+            }
+            // Not a BlockdevDriver at all: QEMU's enum text.
+            other => {
+                return Err(QmpError::generic(format!(
+                    "Parameter 'driver' does not accept value '{other}'"
                 )))
             }
         };
@@ -839,6 +908,11 @@ impl Monitor {
         let node = a.str("node")?;
         let overlay = a.str("overlay")?;
         a.finish()?;
+        // QEMU's op blockers on the node (not the overlay): a node that is another's
+        // backing node, or that a job owns, takes no snapshot.
+        if let Some(n) = graph::find_node(&node) {
+            self.op_blocked(&n)?;
+        }
         self.engine.snapshot(&node, &overlay)?;
         Ok(json!({}))
     }
@@ -846,8 +920,33 @@ impl Monitor {
     fn cmd_blockdev_del(&self, mut a: Args) -> Result<Value, QmpError> {
         let name = a.str("node-name")?;
         a.finish()?;
+        // QEMU's order: a node a device (backend, export) uses, then the op blockers.
+        if let Some(n) = graph::find_node(&name) {
+            if !n.parents().iter().any(|e| e.role() == graph::Role::Root) {
+                self.op_blocked(&n)?;
+            }
+        }
         self.engine.del_node(&name)?;
         Ok(json!({}))
+    }
+
+    /// QEMU's op blockers, in the order it adds them: the backing edge's ("Node 'base' is
+    /// busy: node is used as backing hd of 'top'"), then a job's ("... is in use by block
+    /// job: stream").
+    fn op_blocked(&self, n: &Arc<Node>) -> Result<(), QmpError> {
+        for e in n.parents() {
+            if e.role() == graph::Role::Backing {
+                if let Some(p) = e.parent().node() {
+                    return Err(QmpError::generic(format!(
+                        "Node '{}' is busy: node is used as backing hd of '{}'",
+                        n.name(),
+                        p.name()
+                    )));
+                }
+            }
+        }
+        self.engine.jobs().check_free(n)?;
+        Ok(())
     }
 
     fn cmd_blockdev_add(&self, mut a: Args) -> Result<Value, QmpError> {
@@ -865,9 +964,20 @@ impl Monitor {
         Ok(json!({}))
     }
 
+    /// Waits for the graph changes already queued, and the closes of the nodes they let go
+    /// (a change starts only once those have ended), so a query after a job's last event
+    /// shows the graph the job left, as QEMU's does.
+    fn settle(&self) {
+        let _ = self
+            .engine
+            .controller()
+            .change_blocking(|_ctx| async move { Ok(()) });
+    }
+
     fn cmd_query_named_block_nodes(&self, mut a: Args) -> Result<Value, QmpError> {
         let flat = a.opt_bool("flat")?.unwrap_or(false);
         a.finish()?;
+        self.settle();
         let mut nodes = graph::all_nodes();
         nodes.sort_by(|x, y| x.name().cmp(y.name()));
         Ok(Value::Array(
@@ -878,6 +988,7 @@ impl Monitor {
     fn cmd_query_blockstats(&self, mut a: Args) -> Result<Value, QmpError> {
         let query_nodes = a.opt_bool("query-nodes")?.unwrap_or(false);
         a.finish()?;
+        self.settle();
         if !query_nodes {
             // No devices: only nodes have statistics here.
             return Ok(json!([]));
@@ -889,6 +1000,8 @@ impl Monitor {
                 .iter()
                 .map(|n| {
                     let s = n.stats();
+                    // Every member BlockDeviceStats requires (clients such as libvirt read
+                    // them); what strata does not count is 0.
                     json!({
                         "node-name": n.name(),
                         "stats": {
@@ -903,6 +1016,17 @@ impl Monitor {
                             "rd_total_time_ns": s.rd_total_time_ns,
                             "wr_total_time_ns": s.wr_total_time_ns,
                             "flush_total_time_ns": s.flush_total_time_ns,
+                            "unmap_bytes": 0, "unmap_total_time_ns": 0, "unmap_merged": 0,
+                            "zone_append_bytes": 0, "zone_append_operations": 0,
+                            "zone_append_total_time_ns": 0, "zone_append_merged": 0,
+                            "wr_highest_offset": 0, "rd_merged": 0, "wr_merged": 0,
+                            "failed_flush_operations": 0, "failed_unmap_operations": 0,
+                            "failed_zone_append_operations": 0,
+                            "invalid_rd_operations": 0, "invalid_wr_operations": 0,
+                            "invalid_flush_operations": 0, "invalid_unmap_operations": 0,
+                            "invalid_zone_append_operations": 0,
+                            "account_invalid": false, "account_failed": false,
+                            "timed_stats": [],
                         }
                     })
                 })
@@ -926,7 +1050,7 @@ fn child(a: &mut Args, key: &str, inh: &Inherited) -> Result<Option<ChildSpec>, 
         None => Ok(None),
         Some(Value::String(s)) => Ok(Some(ChildSpec::Name(s))),
         Some(Value::Object(m)) => {
-            let mut sub = Args::new(m);
+            let mut sub = a.nested(key, m);
             let spec = node_spec(&mut sub, inh)?;
             sub.finish()?;
             Ok(Some(ChildSpec::Spec(Box::new(spec))))
@@ -1034,7 +1158,7 @@ fn node_spec(a: &mut Args, parent: &Inherited) -> Result<NodeSpec, QmpError> {
                 Some(Value::Null) => BackingSpec::None,
                 Some(Value::String(s)) => BackingSpec::Node(ChildSpec::Name(s)),
                 Some(Value::Object(m)) => {
-                    let mut sub = Args::new(m);
+                    let mut sub = a.nested("backing", m);
                     let spec = node_spec(&mut sub, &backing_inh)?;
                     sub.finish()?;
                     BackingSpec::Node(ChildSpec::Spec(Box::new(spec)))
@@ -1151,8 +1275,11 @@ fn image_info(n: &Arc<Node>) -> Value {
         "virtual-size": if is_file { n.len().next_multiple_of(512) } else { n.len() },
         "filename": filename,
         "format": n.driver_name(),
-        "dirty-flag": false,
     });
+    // QEMU shows the dirty flag where bdrv_get_info answers (not null-co).
+    if n.driver_name() != "null-co" {
+        v["dirty-flag"] = json!(false);
+    }
     if let Some(size) = actual_size(n) {
         v["actual-size"] = json!(size);
     }
@@ -1205,7 +1332,7 @@ fn file_node(n: &Arc<Node>) -> Option<Arc<Node>> {
 }
 
 /// The space the node's files take, as QEMU's bdrv_get_allocated_file_size counts it: a
-/// file's allocation; none for the other protocols (blkdebug, null-co); a filter's filtered
+/// file's allocation; 0 for null-co, none for blkdebug (a protocol); a filter's filtered
 /// child; a format's file child.
 fn actual_size(n: &Arc<Node>) -> Option<u64> {
     use std::os::unix::fs::MetadataExt;
@@ -1213,7 +1340,8 @@ fn actual_size(n: &Arc<Node>) -> Option<u64> {
         return std::fs::metadata(f.path()).ok().map(|m| m.blocks() * 512);
     }
     match n.driver_name() {
-        "blkdebug" | "null-co" => None,
+        "null-co" => Some(0),
+        "blkdebug" => None,
         _ if n.is_filter() => actual_size(&n.filter_or_cow_child()?),
         _ => actual_size(&n.file()?),
     }
@@ -1250,7 +1378,8 @@ fn block_device_info(n: &Arc<Node>, flat: bool) -> Value {
         "cache": {"writeback": true, "direct": cache.0, "no-flush": cache.1},
         "image": image,
     });
-    if let Some(q) = n.driver_as::<Qcow2Driver>() {
+    // Only while the node has a backing node (QEMU: not for `backing: null`).
+    if let (Some(q), true) = (n.driver_as::<Qcow2Driver>(), n.backing().is_some()) {
         if let (Some(bf), _) = q.backing_name() {
             v["backing_file"] = json!(bf);
         }

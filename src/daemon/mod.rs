@@ -10,8 +10,9 @@
 //!
 //! The second form is qemu-storage-daemon's own launch syntax, so its command lines work with
 //! only the program name changed. Each `--object iothread` adds an IoThread (at least one
-//! runs). `--blockdev` takes the JSON form of blockdev-add's arguments and runs before the
-//! socket opens. The QMP socket is created with mode 0600 and serves several clients at once.
+//! runs). `--blockdev` takes blockdev-add's arguments, in JSON or in QEMU's keyval form
+//! (`driver=qcow2,node-name=top,file.driver=file,file.filename=top.qcow2`), and runs before
+//! the socket opens. The QMP socket is created with mode 0600 and serves several clients at once.
 //!
 //! Shutdown (SIGTERM, SIGINT or `quit`) goes in order: jobs are cancelled, images flushed and
 //! closed (which releases their locks), and the socket is removed.
@@ -48,7 +49,7 @@ pub struct DaemonArgs {
     /// qemu-storage-daemon's objects: iothread,id=N
     #[arg(long, value_name = "OPTS")]
     object: Vec<String>,
-    /// A node to add at start, as blockdev-add's arguments in JSON
+    /// A node to add at start, as blockdev-add's arguments (JSON, or QEMU's keyval form)
     #[arg(long, value_name = "JSON")]
     blockdev: Vec<String>,
     /// qemu-storage-daemon's NBD server: addr.type=unix,addr.path=P[,max-connections=N]
@@ -93,6 +94,81 @@ fn dotted_to_json(
         map.insert(parts[parts.len() - 1].to_string(), value);
     }
     root
+}
+
+/// `--blockdev` in QEMU's keyval form (`driver=qcow2,node-name=top,file.driver=file,
+/// file.filename=top.qcow2,backing=`), as blockdev-add's JSON: the members QAPI types as
+/// booleans and integers converted as QEMU's keyval visitor converts them (`on`/`off`,
+/// `yes`/`no`, `true`/`false`; decimal numbers), numbered members (`inject-error.0.event`)
+/// as lists, and an empty `backing` as null (no backing file).
+fn keyval_blockdev(s: &str) -> serde_json::Map<String, serde_json::Value> {
+    use serde_json::Value;
+    const BOOLS: &[&str] = &[
+        "read-only",
+        "auto-read-only",
+        "force-share",
+        "direct",
+        "no-flush",
+        "read-zeroes",
+        "once",
+        "immediately",
+    ];
+    const INTS: &[&str] = &[
+        "size",
+        "offset",
+        "cache-size",
+        "latency-ns",
+        "errno",
+        "sector",
+        "state",
+    ];
+    fn convert(key: &str, v: Value) -> Value {
+        match v {
+            Value::Object(m) => {
+                let mut m: serde_json::Map<String, Value> = m
+                    .into_iter()
+                    .map(|(k, v)| (k.clone(), convert(&k, v)))
+                    .collect();
+                // {"0": a, "1": b} is the list [a, b].
+                let numbered =
+                    !m.is_empty() && (0..m.len()).all(|i| m.contains_key(&i.to_string()));
+                if numbered {
+                    return Value::Array(
+                        (0..m.len())
+                            .map(|i| m.remove(&i.to_string()).unwrap_or(Value::Null))
+                            .collect(),
+                    );
+                }
+                Value::Object(m)
+            }
+            Value::String(s) if BOOLS.contains(&key) => match s.as_str() {
+                "on" | "yes" | "true" => Value::Bool(true),
+                "off" | "no" | "false" => Value::Bool(false),
+                _ => Value::String(s),
+            },
+            Value::String(s) if INTS.contains(&key) => s
+                .parse::<u64>()
+                .map(Value::from)
+                .unwrap_or(Value::String(s)),
+            Value::String(s) if key == "backing" && s.is_empty() => Value::Null,
+            v => v,
+        }
+    }
+    // ",," is a literal comma in a keyval value: set aside while splitting.
+    dotted_to_json(&s.replace(",,", "\u{0}"), &[], &[])
+        .into_iter()
+        .map(|(k, v)| (k.clone(), convert(&k, unescape(v))))
+        .collect()
+}
+
+/// Puts back the literal commas (",,") that keyval parsing set aside.
+fn unescape(v: serde_json::Value) -> serde_json::Value {
+    use serde_json::Value;
+    match v {
+        Value::String(s) => Value::String(s.replace('\u{0}', ",")),
+        Value::Object(m) => Value::Object(m.into_iter().map(|(k, v)| (k, unescape(v))).collect()),
+        v => v,
+    }
 }
 
 /// Parses `key=value,key=value` (the first item may be a bare word: the type).
@@ -210,10 +286,15 @@ fn run(args: DaemonArgs) -> Result<(), String> {
         monitor.name_iothread(id, i);
     }
     for b in &args.blockdev {
-        let v: serde_json::Value =
-            serde_json::from_str(b).map_err(|e| format!("--blockdev: {e}"))?;
-        let serde_json::Value::Object(m) = v else {
-            return Err("--blockdev: expected a JSON object".into());
+        let m = if b.trim_start().starts_with('{') {
+            let v: serde_json::Value =
+                serde_json::from_str(b).map_err(|e| format!("--blockdev: {e}"))?;
+            let serde_json::Value::Object(m) = v else {
+                return Err("--blockdev: expected a JSON object".into());
+            };
+            m
+        } else {
+            keyval_blockdev(b)
         };
         monitor
             .blockdev_add(m)
@@ -234,18 +315,30 @@ fn run(args: DaemonArgs) -> Result<(), String> {
     let mut listeners = Vec::new();
     for p in &paths {
         let _ = std::fs::remove_file(p);
-        let l = UnixListener::bind(p).map_err(|e| format!("{}: {e}", p.display()))?;
+        // Created 0600 from the start (no window with the umask's mode); the umask is
+        // restored at once (nothing else creates files at this point of start-up).
+        // SAFETY: umask only swaps the process's file-mode mask.
+        let old = unsafe { libc::umask(0o177) };
+        let bound = UnixListener::bind(p);
+        // SAFETY: as above.
+        unsafe { libc::umask(old) };
+        let l = bound.map_err(|e| format!("{}: {e}", p.display()))?;
         std::fs::set_permissions(p, std::fs::Permissions::from_mode(0o600))
             .map_err(|e| format!("{}: {e}", p.display()))?;
         listeners.push(l);
     }
-    {
+    // The event thread delivers until shutdown, then what the shutdown itself announced
+    // (the jobs it cancelled) before it ends: clients still connected see those events, as
+    // QEMU's do, before the socket closes.
+    let closing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let forwarder = {
         let m = Arc::clone(&monitor);
+        let closing = Arc::clone(&closing);
         std::thread::Builder::new()
             .name("qmp-events".into())
-            .spawn(move || m.forward_events(events))
-            .map_err(|e| e.to_string())?;
-    }
+            .spawn(move || m.forward_events(events, &closing))
+            .map_err(|e| e.to_string())?
+    };
     for l in listeners {
         let m = Arc::clone(&monitor);
         std::thread::Builder::new()
@@ -270,9 +363,42 @@ fn run(args: DaemonArgs) -> Result<(), String> {
     // releases the image locks), then the sockets go.
     monitor.stop_nbd();
     monitor.engine.close_all();
+    // Every event of the shutdown is queued by now: deliver them, then go on.
+    closing.store(true, std::sync::atomic::Ordering::Release);
+    let _ = forwarder.join();
     monitor.stop_added_iothreads();
     for p in &paths {
         let _ = std::fs::remove_file(p);
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    #[test]
+    fn keyval_blockdev_is_blockdev_adds_json() {
+        let m = keyval_blockdev(
+            "driver=qcow2,node-name=top,read-only=on,file.driver=file,\
+             file.filename=/a,,b.qcow2,file.cache.direct=off,backing=",
+        );
+        assert_eq!(
+            serde_json::Value::Object(m),
+            json!({"driver": "qcow2", "node-name": "top", "read-only": true,
+                   "file": {"driver": "file", "filename": "/a,b.qcow2",
+                            "cache": {"direct": false}},
+                   "backing": null})
+        );
+        let m = keyval_blockdev(
+            "driver=blkdebug,node-name=d,image=f,inject-error.0.event=read_aio,\
+             inject-error.0.sector=1024,inject-error.0.once=on,inject-error.1.event=write_aio",
+        );
+        assert_eq!(
+            m["inject-error"],
+            json!([{"event": "read_aio", "sector": 1024, "once": true},
+                   {"event": "write_aio"}])
+        );
+    }
 }

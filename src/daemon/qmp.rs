@@ -146,6 +146,17 @@ impl Framer {
                 return out;
             }
             if self.in_string {
+                if b < 0x20 {
+                    // A raw control character (a newline in an unterminated string) cannot
+                    // be in a JSON string: the value ends here, as a parse error, and framing
+                    // starts afresh, as QEMU's lexer does. Otherwise one stray quote would
+                    // swallow every request after it.
+                    out.push(Frame::Value(std::mem::take(&mut self.buf)));
+                    self.depth = 0;
+                    self.in_string = false;
+                    self.escape = false;
+                    continue;
+                }
                 if self.escape {
                     self.escape = false;
                 } else if b == b'\\' {
@@ -272,13 +283,31 @@ impl ClientOut {
 
     /// Sends one message (a line of JSON); marks the client dead on failure.
     pub fn send(&self, msg: &Value) -> bool {
+        self.send_inner(msg, false)
+    }
+
+    /// Sends the reply that completes negotiation: the client is marked negotiated under
+    /// the write lock, before the reply goes out, so an event raised once the client has
+    /// the reply (by a command it then sends on another connection) reaches it, and none
+    /// comes before the reply (QEMU's Python library expects the reply first).
+    pub fn send_negotiated(&self, msg: &Value) -> bool {
+        self.send_inner(msg, true)
+    }
+
+    fn send_inner(&self, msg: &Value, negotiated: bool) -> bool {
         use std::sync::atomic::Ordering;
         if self.dead.load(Ordering::Acquire) {
             return false;
         }
         let mut line = serde_json::to_vec(msg).unwrap_or_default();
         line.extend_from_slice(b"\r\n");
-        let ok = self.stream.lock().write_all(&line).is_ok();
+        let ok = {
+            let mut stream = self.stream.lock();
+            if negotiated {
+                self.negotiated.store(true, Ordering::Release);
+            }
+            stream.write_all(&line).is_ok()
+        };
         if !ok {
             self.dead.store(true, Ordering::Release);
             let _ = self.stream.lock().shutdown(std::net::Shutdown::Both);
@@ -349,11 +378,13 @@ pub fn serve_client<H: Handler>(h: Arc<H>, stream: UnixStream) {
                 )),
                 (name, true) => h.execute(name, req.arguments),
             };
-            let ok = result.is_ok();
-            let sent = out.send(&reply(result, req.id));
-            if ok && req.execute == "qmp_capabilities" {
-                out.negotiated.store(true, Ordering::Release);
-            }
+            let negotiating = result.is_ok() && req.execute == "qmp_capabilities";
+            let msg = reply(result, req.id);
+            let sent = if negotiating {
+                out.send_negotiated(&msg)
+            } else {
+                out.send(&msg)
+            };
             if !sent {
                 return;
             }
@@ -374,11 +405,25 @@ fn negotiate(args: Map<String, Value>) -> Result<Value, QmpError> {
                 "Invalid parameter type for 'enable', expected: array",
             ));
         };
-        if let Some(c) = caps.first() {
-            let name = c.as_str().unwrap_or("?");
-            return Err(QmpError::generic(format!(
-                "Capability '{name}' not available"
-            )));
+        // QEMU's checks in its order: each item must be a string naming a QMPCapability
+        // (its enum visitor's text, 'null' included), then none may be unavailable.
+        for (i, c) in caps.iter().enumerate() {
+            match c.as_str() {
+                None => {
+                    return Err(QmpError::generic(format!(
+                        "Invalid parameter type for 'enable[{i}]', expected: string"
+                    )))
+                }
+                Some("oob") => {}
+                Some(other) => {
+                    return Err(QmpError::generic(format!(
+                        "Parameter 'null' does not accept value '{other}'"
+                    )))
+                }
+            }
+        }
+        if !caps.is_empty() {
+            return Err(QmpError::generic("Capability 'oob' not available"));
         }
     }
     a.finish()?;
@@ -426,6 +471,16 @@ mod tests {
         let mut f = Framer::default();
         assert!(f.push(b"{\"exec").is_empty());
         assert_eq!(f.push(b"ute\": 1}").len(), 1);
+    }
+
+    #[test]
+    fn a_control_character_in_a_string_ends_the_value() {
+        // An unterminated string: the newline ends it (an error), the next request frames.
+        assert_eq!(
+            frames("{\"execute\": \"nope}\n{\"execute\": \"x\", \"id\": 1}\n"),
+            vec!["{\"execute\": \"nope}\n", "{\"execute\": \"x\", \"id\": 1}"]
+        );
+        assert!(parse_request(b"{\"execute\": \"nope}\n").is_err());
     }
 
     #[test]

@@ -619,6 +619,18 @@ impl Job {
         }
         st.user_paused = true;
         st.pause_count += 1;
+        // A job already parked (resumed a moment ago, or held by a drain) is paused now;
+        // its pause point, when it next runs, sees the status already set.
+        if st.parked {
+            let to = match st.status {
+                JobStatus::Running => Some(JobStatus::Paused),
+                JobStatus::Ready => Some(JobStatus::Standby),
+                _ => None,
+            };
+            if let Some(to) = to {
+                self.transition(&mut st, to);
+            }
+        }
         Self::kick(&mut st);
         Ok(())
     }
@@ -637,6 +649,19 @@ impl Job {
         st.pause_count -= 1;
         if st.io_status != IoStatus::Ok {
             st.io_status = IoStatus::Ok;
+        }
+        // A parked job is running again once the command returns, as in QEMU (whose
+        // job_resume enters the job's coroutine at once): a query right after the resume
+        // must not see it paused. The pause point sees the status already restored.
+        if st.pause_count == 0 && st.parked {
+            let to = match st.status {
+                JobStatus::Paused => Some(JobStatus::Running),
+                JobStatus::Standby => Some(JobStatus::Ready),
+                _ => None,
+            };
+            if let Some(to) = to {
+                self.transition(&mut st, to);
+            }
         }
         Self::kick(&mut st);
         Ok(())
@@ -685,6 +710,20 @@ impl Job {
             return self.dismiss();
         }
         self.apply_verb(&st, JobVerb::Cancel)?;
+        if st.status == JobStatus::Pending {
+            // The run is over and waits for finalize (auto-finalize off): a cancel aborts
+            // the job now, as QEMU's job_cancel does (job_completed_txn_abort). Kicking the
+            // loop would wake nothing, and the job would stay pending for ever.
+            st.cancelled = true;
+            st.force_cancel = true;
+            if st.error.is_none() {
+                st.error = Some("Operation canceled".into());
+            }
+            self.transition(&mut st, JobStatus::Aborting);
+            drop(st);
+            self.queue_finalize();
+            return Ok(());
+        }
         let ready = matches!(st.status, JobStatus::Ready | JobStatus::Standby);
         let force = force || !(soft_ok && ready);
         if st.user_paused {
