@@ -1454,22 +1454,35 @@ fn power_loss(cfg: LossConfig, points: usize, seed: u64) {
     );
 }
 
-/// Which log entries write the refcount table: the one the header names, or a new one (a
-/// table is the only metadata larger than one cluster; the header switches to it later).
+/// Which log entries write the refcount table: the one the header names, or a new one (written
+/// before the header write that switches to it, which names it). Guest data may come in
+/// writes larger than a cluster (a multi-cluster write's run of host clusters), so a write is
+/// told by where it goes, not by its size.
 fn refcount_table_writes(rec: &Recording, cs: u64) -> Vec<bool> {
     let be64 = |b: &[u8], at: usize| u64::from_be_bytes(b[at..at + 8].try_into().unwrap());
     let be32 = |b: &[u8], at: usize| u32::from_be_bytes(b[at..at + 4].try_into().unwrap());
-    let mut rt = (
-        be64(&rec.initial, 48),
-        u64::from(be32(&rec.initial, 56)) * cs,
-    );
+    let table_of = |b: &[u8]| (be64(b, 48), u64::from(be32(b, 56)) * cs);
+    let is_header = |off: u64, data: &[u8]| off == 0 && data.len() >= 64;
+    // For each entry, the table the next header write names.
+    let mut next = vec![None; rec.log.len()];
+    let mut ahead = None;
+    for (i, e) in rec.log.iter().enumerate().rev() {
+        next[i] = ahead;
+        if let Ev::Write { off, data } = e {
+            if is_header(*off, data) {
+                ahead = Some(table_of(data));
+            }
+        }
+    }
+    let mut rt = table_of(&rec.initial);
     let mut out = vec![false; rec.log.len()];
     for (i, e) in rec.log.iter().enumerate() {
         if let Ev::Write { off, data } = e {
             let end = off + data.len() as u64;
-            out[i] = (*off < rt.0 + rt.1 && rt.0 < end) || data.len() as u64 > cs;
-            if *off == 0 && data.len() >= 64 {
-                rt = (be64(data, 48), u64::from(be32(data, 56)) * cs);
+            let hits = |t: (u64, u64)| *off < t.0 + t.1 && t.0 < end;
+            out[i] = hits(rt) || next[i].is_some_and(hits);
+            if is_header(*off, data) {
+                rt = table_of(data);
             }
         }
     }

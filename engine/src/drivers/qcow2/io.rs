@@ -1,14 +1,39 @@
 //! qcow2 requests: reads, writes (in place or allocating, with copy-on-write of the rest of
 //! the cluster from the backing chain), zeroes, discard, flush and block status.
 //!
-//! Requests are cut at cluster boundaries. A write to a cluster that is not allocated here
-//! (or is shared, compressed, or a zero cluster) claims the guest cluster, so two writes that
-//! would allocate the same cluster do not both allocate: the second waits and then writes in
-//! place into what the first allocated.
+//! A request inside one cluster is one piece. A larger one is mapped whole first (the L2
+//! entries of all its clusters), then cut into as few pieces as the mapping allows, and the
+//! pieces run concurrently:
+//!
+//! - Reads: guest clusters contiguous on the host become one read of the file, runs read
+//!   from the backing node one backing read, zero and unallocated-without-backing runs one
+//!   fill (no I/O). The largest piece reads straight into the caller's buffer, the others
+//!   into buffers of their own that are copied in when all are done (`IoBuf`s cannot share
+//!   an allocation).
+//! - Writes: clusters that are allocated here and writable in place (refcount one) are
+//!   written where they are. All the others are claimed (one claim per guest cluster, taken
+//!   in ascending order, so two requests never wait for each other in a cycle) and mapped
+//!   again under the claims; their L2 tables are made to exist first, then runs of clusters
+//!   needing a new host cluster get a run of contiguous host clusters at once
+//!   (`Meta::alloc_run`). The data goes out with one write per host-contiguous run; a
+//!   partial first or last cluster that is not written in place is built whole (the part
+//!   the write does not cover read from where the cluster's data is now: the backing
+//!   chain, a shared or compressed cluster, or zeroes) and written alone. Only when every
+//!   data write has completed are the L2 entries set (so no mapping in the cache ever points
+//!   at data not written; writeback then makes the data durable before the mapping, see
+//!   `meta`). The claims are released after that.
+//!
+//! A claim makes two writes that would allocate the same cluster not both allocate: the
+//! second waits and then writes in place into what the first allocated. Every request holds
+//! a ticket of the current epoch for its whole duration, mapping included, so a host
+//! cluster it mapped is not reused before it ends even if a discard frees it meanwhile.
 
+use std::future::Future;
 use std::io;
+use std::pin::Pin;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
+use std::task::Poll;
 
 use graph::{BlockStatus, Node, WriteFlags, ZeroFlags};
 use iothreads::{BufResult, IoBuf};
@@ -33,6 +58,137 @@ fn ext_l2_write() -> io::Error {
         io::ErrorKind::Unsupported,
         "qcow2: writing images with extended L2 entries is not supported",
     )
+}
+
+/// A boxed future of one piece of a request, with the buffer it ran on.
+type PieceFuture<'a> = Pin<Box<dyn Future<Output = BufResult<()>> + 'a>>;
+
+/// Polls every future until all are done (each op is submitted on its first poll, so they
+/// are all in flight together); returns their outputs in order.
+async fn join_all<T>(futs: Vec<Pin<Box<dyn Future<Output = T> + '_>>>) -> Vec<T> {
+    let mut futs: Vec<Option<Pin<Box<dyn Future<Output = T> + '_>>>> =
+        futs.into_iter().map(Some).collect();
+    let mut out: Vec<Option<T>> = futs.iter().map(|_| None).collect();
+    std::future::poll_fn(|cx| {
+        let mut pending = false;
+        for (slot, o) in futs.iter_mut().zip(out.iter_mut()) {
+            if let Some(f) = slot {
+                match f.as_mut().poll(cx) {
+                    Poll::Ready(v) => {
+                        *o = Some(v);
+                        *slot = None;
+                    }
+                    Poll::Pending => pending = true,
+                }
+            }
+        }
+        if pending {
+            Poll::Pending
+        } else {
+            Poll::Ready(())
+        }
+    })
+    .await;
+    out.into_iter()
+        .map(|o| o.expect("every future completed"))
+        .collect()
+}
+
+/// Where the data of a piece of a read is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Src {
+    /// The file, from this host byte offset.
+    Host(u64),
+    /// The backing node (zeroes past its end), from this guest byte offset.
+    Backing(u64),
+    /// Zeroes.
+    Zero,
+    /// Bytes from `in_off` of the compressed cluster at (`offset`, `size`).
+    Compressed { offset: u64, size: u64, in_off: u64 },
+}
+
+/// A piece of a read: `len` bytes at `at` in the caller's buffer, from `src`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct ReadPiece {
+    at: usize,
+    len: usize,
+    src: Src,
+}
+
+/// Appends `p`, merged into the last piece where both continue each other (same kind of
+/// source, contiguous in it).
+fn push_read(pieces: &mut Vec<ReadPiece>, p: ReadPiece) {
+    if p.len == 0 {
+        return;
+    }
+    if let Some(last) = pieces.last_mut() {
+        let ll = last.len as u64;
+        let merge = last.at + last.len == p.at
+            && match (last.src, p.src) {
+                (Src::Host(a), Src::Host(b)) | (Src::Backing(a), Src::Backing(b)) => a + ll == b,
+                (Src::Zero, Src::Zero) => true,
+                _ => false,
+            };
+        if merge {
+            last.len += p.len;
+            return;
+        }
+    }
+    pieces.push(p);
+}
+
+/// What a cluster of a multi-cluster write becomes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Target {
+    /// Allocated here with refcount one: written where it is, the mapping unchanged.
+    InPlace(u64),
+    /// A zero cluster with a preallocated host cluster of its own: written there, then
+    /// mapped as data.
+    Prealloc(u64),
+    /// Needs a new host cluster.
+    Fresh,
+}
+
+/// A piece of a multi-cluster write.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WritePiece {
+    /// `len` bytes at `at` in the caller's buffer, to the file at `host`.
+    Direct { at: usize, len: usize, host: u64 },
+    /// Cluster `k` of the request (partial, not in place): written whole at its new host
+    /// cluster, the part outside the request filled from its old content.
+    Cow { k: usize },
+}
+
+/// Appends a direct piece, merged into the last one where both are contiguous in the buffer
+/// and on the host.
+fn push_write(pieces: &mut Vec<WritePiece>, at: usize, len: usize, host: u64) {
+    if let Some(WritePiece::Direct {
+        at: la,
+        len: ll,
+        host: lh,
+    }) = pieces.last_mut()
+    {
+        if *la + *ll == at && *lh + *ll as u64 == host {
+            *ll += len;
+            return;
+        }
+    }
+    pieces.push(WritePiece::Direct { at, len, host });
+}
+
+/// Releases the claims of a multi-cluster write when dropped (also if the request is
+/// dropped half-way).
+struct Claims<'a> {
+    meta: &'a super::meta::Meta,
+    gcs: Vec<u64>,
+}
+
+impl Drop for Claims<'_> {
+    fn drop(&mut self) {
+        for &gc in &self.gcs {
+            self.meta.release(gc);
+        }
+    }
 }
 
 /// Runs `f` with `buf`'s window narrowed to `range` (relative to the window), restoring the
@@ -109,56 +265,125 @@ impl Qcow2Driver {
         let backing = node.backing();
         let _t = self.meta.enter();
         let cs = self.meta.cs;
-        let total = buf.len();
-        let mut buf = buf;
-        let mut done = 0usize;
-        while done < total {
-            let off = offset + done as u64;
-            let gc = off / cs;
-            let in_off = off % cs;
-            let n = ((cs - in_off) as usize).min(total - done);
-            let entry = match self.meta.l2_entry(&file, gc).await {
+        let total = buf.len() as u64;
+        if total == 0 {
+            return (Ok(()), buf);
+        }
+        let first = offset / cs;
+        let count = (offset + total - 1) / cs - first + 1;
+        if count == 1 {
+            // One cluster: one piece, unless an extended L2 entry cuts it into subclusters.
+            let entry = match self.meta.l2_entry(&file, first).await {
                 Ok(e) => e,
                 Err(e) => return (Err(e), buf),
             };
-            let (r, b) = with_window(buf, done, n, |w| {
-                self.read_piece(
-                    &file,
-                    backing.as_ref(),
-                    self.classify(entry),
-                    off,
-                    in_off,
-                    w,
-                )
-            })
-            .await;
-            buf = b;
-            if let Err(e) = r {
-                return (Err(e), buf);
+            if let Some(src) = self.src_of(self.classify(entry), backing.is_some(), offset) {
+                return self.read_src(&file, backing.as_ref(), src, buf).await;
             }
-            done += n;
         }
-        (Ok(()), buf)
+        let entries = match self.meta.l2_entries(&file, first, count).await {
+            Ok(e) => e,
+            Err(e) => return (Err(e), buf),
+        };
+        let mut pieces = Vec::new();
+        for (k, e) in entries.into_iter().enumerate() {
+            let cstart = (first + k as u64) * cs;
+            let s = offset.max(cstart);
+            let e_end = (offset + total).min(cstart + cs);
+            self.push_cluster(
+                &mut pieces,
+                self.classify(e),
+                backing.is_some(),
+                (s - offset) as usize,
+                s,
+                (e_end - s) as usize,
+            );
+        }
+        self.read_pieces(&file, backing.as_ref(), &pieces, buf)
+            .await
     }
 
-    /// Reads one piece inside one guest cluster.
-    async fn read_piece(
+    /// Where the bytes of a (non-extended) cluster `c` are, from guest offset `off` on; None
+    /// for an extended L2 entry (see [`Self::push_cluster`]).
+    fn src_of(&self, c: Cluster, has_backing: bool, off: u64) -> Option<Src> {
+        let in_off = off % self.meta.cs;
+        Some(match c {
+            Cluster::Unallocated if has_backing => Src::Backing(off),
+            Cluster::Unallocated | Cluster::Zero { .. } => Src::Zero,
+            Cluster::Normal { host, .. } => Src::Host(host + in_off),
+            Cluster::Compressed { offset, size } => Src::Compressed {
+                offset,
+                size,
+                in_off,
+            },
+            Cluster::Sub { .. } => return None,
+        })
+    }
+
+    /// Appends the pieces of `n` bytes at guest offset `off` (inside cluster `c`), which go
+    /// to `at` in the caller's buffer.
+    fn push_cluster(
+        &self,
+        pieces: &mut Vec<ReadPiece>,
+        c: Cluster,
+        has_backing: bool,
+        at: usize,
+        off: u64,
+        n: usize,
+    ) {
+        let Cluster::Sub { host, alloc, zero } = c else {
+            if let Some(src) = self.src_of(c, has_backing, off) {
+                push_read(pieces, ReadPiece { at, len: n, src });
+            }
+            return;
+        };
+        let cs = self.meta.cs;
+        let sc = cs / 32;
+        let in_off = off % cs;
+        let mut done = 0usize;
+        while done < n {
+            let pos = in_off + done as u64;
+            let i = (pos / sc) as u32;
+            let m = ((sc - pos % sc) as usize).min(n - done);
+            let src = if alloc & (1 << i) != 0 {
+                Src::Host(host + pos)
+            } else if zero & (1 << i) != 0 || !has_backing {
+                Src::Zero
+            } else {
+                Src::Backing(off - in_off + pos)
+            };
+            push_read(
+                pieces,
+                ReadPiece {
+                    at: at + done,
+                    len: m,
+                    src,
+                },
+            );
+            done += m;
+        }
+    }
+
+    /// Reads `buf` (its window) from `src`.
+    async fn read_src(
         &self,
         file: &Node,
         backing: Option<&Arc<Node>>,
-        c: Cluster,
-        off: u64,
-        in_off: u64,
+        src: Src,
         mut buf: IoBuf,
     ) -> BufResult<()> {
-        match c {
-            Cluster::Unallocated => self.read_backing(backing, off, buf).await,
-            Cluster::Zero { .. } => {
+        match src {
+            Src::Host(host) => file.read(host, buf).await,
+            Src::Backing(off) => self.read_backing(backing, off, buf).await,
+            Src::Zero => {
                 buf.fill(0);
                 (Ok(()), buf)
             }
-            Cluster::Normal { host, .. } => file.read(host + in_off, buf).await,
-            Cluster::Compressed { offset, size } => {
+            Src::Compressed {
+                offset,
+                size,
+                in_off,
+            } => {
                 let mut cluster = vec![0u8; self.meta.cs as usize];
                 let r = self.read_compressed(file, offset, size, &mut cluster).await;
                 if r.is_ok() {
@@ -167,34 +392,71 @@ impl Qcow2Driver {
                 }
                 (r, buf)
             }
-            Cluster::Sub { host, alloc, zero } => {
-                let sc = self.meta.cs / 32;
-                let mut done = 0usize;
-                let total = buf.len();
-                while done < total {
-                    let pos = in_off + done as u64;
-                    let i = (pos / sc) as u32;
-                    let n = ((sc - pos % sc) as usize).min(total - done);
-                    let (r, b) = with_window(buf, done, n, |mut w| async move {
-                        if alloc & (1 << i) != 0 {
-                            file.read(host + pos, w).await
-                        } else if zero & (1 << i) != 0 {
-                            w.fill(0);
-                            (Ok(()), w)
-                        } else {
-                            self.read_backing(backing, off - in_off + pos, w).await
-                        }
-                    })
-                    .await;
-                    buf = b;
-                    if let Err(e) = r {
-                        return (Err(e), buf);
-                    }
-                    done += n;
-                }
-                (Ok(()), buf)
+        }
+    }
+
+    /// Runs the pieces of a read concurrently: zero pieces are filled first, the largest
+    /// piece that is a plain read goes straight into the caller's buffer, the others into
+    /// buffers of their own that are copied in when all are done.
+    async fn read_pieces(
+        &self,
+        file: &Node,
+        backing: Option<&Arc<Node>>,
+        pieces: &[ReadPiece],
+        mut buf: IoBuf,
+    ) -> BufResult<()> {
+        for p in pieces.iter().filter(|p| p.src == Src::Zero) {
+            buf[p.at..p.at + p.len].fill(0);
+        }
+        let io: Vec<&ReadPiece> = pieces.iter().filter(|p| p.src != Src::Zero).collect();
+        match io.as_slice() {
+            [] => return (Ok(()), buf),
+            [p] => {
+                return with_window(buf, p.at, p.len, |w| self.read_src(file, backing, p.src, w))
+                    .await
+            }
+            _ => {}
+        }
+        let primary = io
+            .iter()
+            .enumerate()
+            .filter(|(_, p)| matches!(p.src, Src::Host(_) | Src::Backing(_)))
+            .max_by_key(|(_, p)| p.len)
+            .map(|(i, _)| i);
+        let saved = buf.window();
+        let mut main = Some(buf);
+        let mut futs: Vec<PieceFuture<'_>> = Vec::with_capacity(io.len());
+        for (i, p) in io.iter().enumerate() {
+            let b = if Some(i) == primary {
+                let mut b = main.take().expect("one primary piece");
+                b.set_window(saved.start + p.at..saved.start + p.at + p.len);
+                b
+            } else {
+                IoBuf::new(p.len)
+            };
+            futs.push(Box::pin(self.read_src(file, backing, p.src, b)));
+        }
+        let mut err = None;
+        let mut temps = Vec::with_capacity(io.len());
+        for (i, (r, b)) in join_all(futs).await.into_iter().enumerate() {
+            if let Err(e) = r {
+                err.get_or_insert(e);
+            }
+            if Some(i) == primary {
+                main = Some(b);
+            } else {
+                temps.push((io[i].at, b));
             }
         }
+        let mut buf = main.expect("the caller's buffer is back");
+        buf.set_window(saved);
+        if let Some(e) = err {
+            return (Err(e), buf);
+        }
+        for (at, t) in temps {
+            buf[at..at + t.len()].copy_from_slice(&t);
+        }
+        (Ok(()), buf)
     }
 
     pub(crate) async fn do_write(
@@ -213,23 +475,17 @@ impl Qcow2Driver {
         let backing = node.backing();
         let _t = self.meta.enter();
         let cs = self.meta.cs;
-        let total = buf.len();
-        let mut buf = buf;
-        let mut done = 0usize;
-        while done < total {
-            let off = offset + done as u64;
-            let gc = off / cs;
-            let in_off = off % cs;
-            let n = ((cs - in_off) as usize).min(total - done);
-            let (r, b) = with_window(buf, done, n, |w| {
-                self.write_piece(&file, backing.as_ref(), gc, in_off, w)
-            })
-            .await;
-            buf = b;
-            if let Err(e) = r {
-                return (Err(e), buf);
-            }
-            done += n;
+        let total = buf.len() as u64;
+        let (r, buf) = if total == 0 {
+            (Ok(()), buf)
+        } else if offset / cs == (offset + total - 1) / cs {
+            self.write_piece(&file, backing.as_ref(), offset / cs, offset % cs, buf)
+                .await
+        } else {
+            self.write_multi(&file, backing.as_ref(), offset, buf).await
+        };
+        if let Err(e) = r {
+            return (Err(e), buf);
         }
         if self.meta.needs_writeback() {
             if let Err(e) = self.meta.writeback(&file).await {
@@ -242,6 +498,302 @@ impl Qcow2Driver {
             }
         }
         (Ok(()), buf)
+    }
+
+    /// Writes a request that spans more than one guest cluster (see the module doc): maps
+    /// it, claims the clusters that are not writable in place (ascending), maps those again
+    /// under the claims, and writes.
+    async fn write_multi(
+        &self,
+        file: &Arc<Node>,
+        backing: Option<&Arc<Node>>,
+        offset: u64,
+        buf: IoBuf,
+    ) -> BufResult<()> {
+        let cs = self.meta.cs;
+        let first = offset / cs;
+        let count = (offset + buf.len() as u64 - 1) / cs - first + 1;
+        let entries = match self.meta.l2_entries(file, first, count).await {
+            Ok(e) => e,
+            Err(e) => return (Err(e), buf),
+        };
+        let mut old: Vec<Cluster> = entries.into_iter().map(|e| self.classify(e)).collect();
+        let mut claims = Claims {
+            meta: &self.meta,
+            gcs: Vec::new(),
+        };
+        for (k, c) in old.iter().enumerate() {
+            if !matches!(c, Cluster::Normal { copied: true, .. }) {
+                let gc = first + k as u64;
+                self.meta.claim(gc).await;
+                claims.gcs.push(gc);
+            }
+        }
+        if !claims.gcs.is_empty() {
+            // Someone else may have allocated (or changed) a cluster while we waited for it.
+            let again = match self.meta.l2_entries(file, first, count).await {
+                Ok(e) => e,
+                Err(e) => return (Err(e), buf),
+            };
+            for &gc in &claims.gcs {
+                let k = (gc - first) as usize;
+                old[k] = self.classify(again[k]);
+            }
+        }
+        let r = self.write_claimed(file, backing, offset, buf, &old).await;
+        drop(claims);
+        r
+    }
+
+    /// The body of [`Self::write_multi`], under the claims: `old` is what each cluster of the
+    /// request maps to now.
+    async fn write_claimed(
+        &self,
+        file: &Arc<Node>,
+        backing: Option<&Arc<Node>>,
+        offset: u64,
+        buf: IoBuf,
+        old: &[Cluster],
+    ) -> BufResult<()> {
+        let cs = self.meta.cs;
+        let first = offset / cs;
+        let total = buf.len() as u64;
+        let n = old.len();
+        // The part of the request in its cluster k: (at in the buffer, length, offset in the
+        // cluster).
+        let span = |k: usize| -> (usize, usize, u64) {
+            let cstart = (first + k as u64) * cs;
+            let s = offset.max(cstart);
+            let e = (offset + total).min(cstart + cs);
+            ((s - offset) as usize, (e - s) as usize, s - cstart)
+        };
+        let mut targets = Vec::with_capacity(n);
+        for c in old {
+            let t = match *c {
+                Cluster::Normal { host, copied: true } => Target::InPlace(host),
+                // A preallocated zero cluster of our own is written in place; anything else
+                // gets a new cluster.
+                Cluster::Zero { host, copied: true } if host != 0 => Target::Prealloc(host),
+                Cluster::Sub { .. } => return (Err(ext_l2_write()), buf),
+                _ => Target::Fresh,
+            };
+            if let Target::InPlace(h) | Target::Prealloc(h) = t {
+                if let Err(e) = self.meta.check_data_cluster(h) {
+                    return (Err(e), buf);
+                }
+            }
+            targets.push(t);
+        }
+        // The L2 tables first, so a new table does not land inside a run of new data
+        // clusters.
+        let mut table = None;
+        for (k, t) in targets.iter().enumerate() {
+            let gc = first + k as u64;
+            let l1i = gc / self.meta.l2_entries;
+            if !matches!(t, Target::InPlace(_)) && table != Some(l1i) {
+                if let Err(e) = self.meta.ensure_l2(file, gc).await {
+                    return (Err(e), buf);
+                }
+                table = Some(l1i);
+            }
+        }
+        // Host clusters: runs of new ones allocated as runs.
+        let mut hosts = vec![0u64; n];
+        let mut fresh: Vec<u64> = Vec::new();
+        let mut k = 0;
+        while k < n {
+            match targets[k] {
+                Target::InPlace(h) | Target::Prealloc(h) => {
+                    hosts[k] = h;
+                    k += 1;
+                }
+                Target::Fresh => {
+                    let end = (k..n).find(|&j| targets[j] != Target::Fresh).unwrap_or(n);
+                    while k < end {
+                        match self.meta.alloc_run(file, (end - k) as u64).await {
+                            Ok((h, got)) => {
+                                for j in 0..got as usize {
+                                    hosts[k + j] = h + j as u64 * cs;
+                                    fresh.push(h + j as u64 * cs);
+                                }
+                                k += got as usize;
+                            }
+                            Err(e) => {
+                                self.abandon_all(&fresh);
+                                return (Err(e), buf);
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        // The writes: one per host-contiguous run of what comes from the buffer, and one per
+        // partial cluster that needs the rest of its old content.
+        let mut pieces = Vec::new();
+        for (k, t) in targets.iter().enumerate() {
+            let (at, len, in_off) = span(k);
+            if matches!(t, Target::InPlace(_)) || len as u64 == cs {
+                push_write(&mut pieces, at, len, hosts[k] + in_off);
+            } else {
+                pieces.push(WritePiece::Cow { k });
+            }
+        }
+        let primary = pieces
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| match p {
+                WritePiece::Direct { len, .. } => Some((i, *len)),
+                WritePiece::Cow { .. } => None,
+            })
+            .max_by_key(|&(_, len)| len)
+            .map(|(i, _)| i);
+        // Every other piece's buffer is built (copied out of the caller's) before the
+        // caller's buffer moves into the largest direct piece.
+        let mut bufs: Vec<Option<IoBuf>> = Vec::with_capacity(pieces.len());
+        for (i, p) in pieces.iter().enumerate() {
+            bufs.push(match *p {
+                WritePiece::Direct { .. } if Some(i) == primary => None,
+                WritePiece::Direct { at, len, .. } => Some(IoBuf::from_slice(&buf[at..at + len])),
+                WritePiece::Cow { k } => {
+                    let (at, len, in_off) = span(k);
+                    let mut c = IoBuf::new(cs as usize);
+                    c[in_off as usize..in_off as usize + len].copy_from_slice(&buf[at..at + len]);
+                    Some(c)
+                }
+            });
+        }
+        let saved = buf.window();
+        let mut main = Some(buf);
+        let mut futs: Vec<PieceFuture<'_>> = Vec::with_capacity(pieces.len());
+        for (p, b) in pieces.iter().zip(bufs) {
+            futs.push(match *p {
+                WritePiece::Direct { at, len, host } => {
+                    let b = b.unwrap_or_else(|| {
+                        let mut b = main.take().expect("one primary piece");
+                        b.set_window(saved.start + at..saved.start + at + len);
+                        b
+                    });
+                    Box::pin(file.write(host, b, WriteFlags::default()))
+                }
+                WritePiece::Cow { k } => {
+                    let (_, len, in_off) = span(k);
+                    let gc = first + k as u64;
+                    let c = b.expect("built above");
+                    Box::pin(self.cow_cluster(
+                        file,
+                        backing,
+                        gc,
+                        old[k],
+                        (in_off, len as u64),
+                        hosts[k],
+                        c,
+                    ))
+                }
+            });
+        }
+        let mut err = None;
+        for (i, (r, b)) in join_all(futs).await.into_iter().enumerate() {
+            if let Err(e) = r {
+                err.get_or_insert(e);
+            }
+            if Some(i) == primary {
+                main = Some(b);
+            }
+        }
+        let mut buf = main.expect("the caller's buffer is back");
+        buf.set_window(saved);
+        if let Some(e) = err {
+            self.abandon_all(&fresh);
+            return (Err(e), buf);
+        }
+        self.meta.data_written();
+        // The data is written: now the mappings.
+        for k in 0..n {
+            if matches!(targets[k], Target::InPlace(_)) {
+                continue;
+            }
+            if let Err(e) = self
+                .map(file, first + k as u64, hosts[k] | COPIED, old[k])
+                .await
+            {
+                // The new clusters not mapped yet stay unused.
+                let rest: Vec<u64> = (k..n)
+                    .filter(|&j| targets[j] == Target::Fresh)
+                    .map(|j| hosts[j])
+                    .collect();
+                self.abandon_all(&rest);
+                return (Err(e), buf);
+            }
+        }
+        (Ok(()), buf)
+    }
+
+    /// Writes guest cluster `gc` whole at `host`: `cluster` holds the new data at
+    /// `keep` = (offset, length); the rest is filled from `old`, what the cluster maps to now
+    /// (the backing chain, a shared or compressed cluster, or zeroes).
+    #[allow(clippy::too_many_arguments)]
+    async fn cow_cluster(
+        &self,
+        file: &Node,
+        backing: Option<&Arc<Node>>,
+        gc: u64,
+        old: Cluster,
+        keep: (u64, u64),
+        host: u64,
+        cluster: IoBuf,
+    ) -> BufResult<()> {
+        let cs = self.meta.cs;
+        let mut cluster = cluster;
+        let (in_off, len) = keep;
+        let rest = [(0, in_off), (in_off + len, cs)];
+        if let Cluster::Compressed { offset, size } = old {
+            let mut data = vec![0u8; cs as usize];
+            if let Err(e) = self.read_compressed(file, offset, size, &mut data).await {
+                return (Err(e), cluster);
+            }
+            for (s, e) in rest {
+                cluster[s as usize..e as usize].copy_from_slice(&data[s as usize..e as usize]);
+            }
+        } else {
+            for (s, e) in rest {
+                if s >= e {
+                    continue;
+                }
+                let (r, c) = match old {
+                    Cluster::Unallocated => {
+                        with_window(cluster, s as usize, (e - s) as usize, |w| {
+                            self.read_backing(backing, gc * cs + s, w)
+                        })
+                        .await
+                    }
+                    Cluster::Normal { host: src, .. } => {
+                        with_window(cluster, s as usize, (e - s) as usize, |w| {
+                            file.read(src + s, w)
+                        })
+                        .await
+                    }
+                    Cluster::Sub { .. } => (Err(ext_l2_write()), cluster),
+                    // Zeroes: the buffer is zeroed already.
+                    Cluster::Zero { .. } | Cluster::Compressed { .. } => (Ok(()), cluster),
+                };
+                cluster = c;
+                if let Err(e) = r {
+                    return (Err(e), cluster);
+                }
+            }
+        }
+        file.write(host, cluster, WriteFlags::default()).await
+    }
+
+    /// Freshly allocated clusters that ended up unused: drop their references later.
+    fn abandon_all(&self, hosts: &[u64]) {
+        if hosts.is_empty() {
+            return;
+        }
+        let mut st = self.meta.state.lock();
+        for &host in hosts {
+            self.meta.unmap_later(&mut st, host);
+        }
     }
 
     /// Writes one piece inside one guest cluster.

@@ -83,6 +83,8 @@ pub(crate) struct State {
     end: u64,
     /// Free clusters ready for reuse.
     free: Vec<u64>,
+    /// `free` is sorted from the highest offset down (see `Meta::free_run`).
+    free_sorted: bool,
     /// Clusters whose refcount reached 0, with the epoch they did.
     grace: Vec<(u64, u64)>,
     /// Clusters unmapped in a cached L2 table: freed after that table is durable.
@@ -192,6 +194,7 @@ impl Meta {
                 gen: 0,
                 end: file_len.next_multiple_of(cs),
                 free: Vec::new(),
+                free_sorted: true,
                 grace: Vec::new(),
                 unmapped: Vec::new(),
                 claims: BTreeSet::new(),
@@ -376,6 +379,55 @@ impl Meta {
         }
     }
 
+    /// Reads the L2 entries (and extended bitmaps) of guest clusters `gc..gc + n`, loading
+    /// their tables: one lock per table instead of one per cluster.
+    pub(crate) async fn l2_entries(
+        &self,
+        file: &Node,
+        gc: u64,
+        n: u64,
+    ) -> io::Result<Vec<(u64, Option<u64>)>> {
+        let mut out: Vec<(u64, Option<u64>)> = Vec::with_capacity(n as usize);
+        loop {
+            let need = {
+                let mut st = self.state.lock();
+                let mut need = None;
+                while (out.len() as u64) < n {
+                    let c = gc + out.len() as u64;
+                    let first = c % self.l2_entries;
+                    let here = (self.l2_entries - first).min(n - out.len() as u64);
+                    let off = self.l2_table_of(&st, c);
+                    if off == 0 {
+                        out.resize(out.len() + here as usize, (0, None));
+                        continue;
+                    }
+                    st.tick += 1;
+                    let tick = st.tick;
+                    let Some(t) = st.tables.get_mut(&off) else {
+                        need = Some(off);
+                        break;
+                    };
+                    t.used = tick;
+                    for i in first as usize..(first + here) as usize {
+                        out.push(if self.l2_entry_size == 16 {
+                            (
+                                layout::be_entry(&t.data, i * 2),
+                                Some(layout::be_entry(&t.data, i * 2 + 1)),
+                            )
+                        } else {
+                            (layout::be_entry(&t.data, i), None)
+                        });
+                    }
+                }
+                need
+            };
+            match need {
+                Some(off) => self.load(file, off, Kind::L2).await?,
+                None => return Ok(out),
+            }
+        }
+    }
+
     /// Sets the L2 entry of guest cluster `gc` in its cached table (the caller loaded it).
     /// Returns false if the table is no longer cached.
     pub(crate) fn set_l2_entry(&self, st: &mut State, gc: u64, entry: u64) -> bool {
@@ -480,39 +532,72 @@ impl Meta {
     /// Allocates `n` contiguous clusters (refcount 1 each) and returns the first's offset.
     /// Single clusters reuse freed ones; runs come from the end of the file.
     pub(crate) async fn alloc(&self, file: &Node, n: u64) -> io::Result<u64> {
+        self.alloc_inner(file, n, true).await.map(|(host, _)| host)
+    }
+
+    /// Allocates a run of between 1 and `n` contiguous clusters (refcount 1 each) and returns
+    /// the first's offset and how many: the lowest run of freed clusters (at most `n`) if any
+    /// cluster is free, else `n` clusters at the end of the file. A multi-cluster write calls
+    /// it until it has as many clusters as it needs, so it writes its data with as few
+    /// requests as the free space allows.
+    pub(crate) async fn alloc_run(&self, file: &Node, n: u64) -> io::Result<(u64, u64)> {
+        self.alloc_inner(file, n, false).await
+    }
+
+    async fn alloc_inner(&self, file: &Node, n: u64, exact: bool) -> io::Result<(u64, u64)> {
+        debug_assert!(n > 0);
         loop {
             let need = {
                 let mut st = self.state.lock();
                 self.recycle(&mut st);
                 loop {
-                    let from_free = n == 1 && !st.free.is_empty();
-                    let start = if from_free {
-                        *st.free.last().expect("non-empty")
+                    let from_free = (n == 1 || !exact) && !st.free.is_empty();
+                    let (start, k) = if from_free {
+                        self.free_run(&mut st, n)
                     } else {
-                        st.end
+                        (st.end, n)
                     };
-                    match self.prepare(&mut st, start / self.cs, n)? {
+                    match self.prepare(&mut st, start / self.cs, k)? {
                         Some(b) => break b,
                         // A new refcount block took the spot at the end: try again there.
                         None if !from_free && start != st.end => continue,
                         None => {
                             if from_free {
-                                st.free.pop();
+                                let keep = st.free.len() - k as usize;
+                                st.free.truncate(keep);
                             }
                             let c0 = start / self.cs;
-                            for c in c0..c0 + n {
+                            for c in c0..c0 + k {
                                 self.set_refcount(&mut st, c, 1)?;
                             }
                             if !from_free {
-                                st.end = start + n * self.cs;
+                                st.end = start + k * self.cs;
                             }
-                            return Ok(start);
+                            return Ok((start, k));
                         }
                     }
                 }
             };
             self.load(file, need, Kind::Refblock).await?;
         }
+    }
+
+    /// The lowest free cluster and how many free clusters follow it contiguously (at most
+    /// `n`, counting it). The free list is kept sorted from the highest offset down, so the
+    /// run is the list's tail (taken by truncating it).
+    fn free_run(&self, st: &mut State, n: u64) -> (u64, u64) {
+        if !st.free_sorted {
+            st.free.sort_unstable_by(|a, b| b.cmp(a));
+            st.free.dedup();
+            st.free_sorted = true;
+        }
+        let len = st.free.len();
+        let start = st.free[len - 1];
+        let mut k = 1u64;
+        while k < n && (k as usize) < len && st.free[len - 1 - k as usize] == start + k * self.cs {
+            k += 1;
+        }
+        (start, k)
     }
 
     /// Makes sure refcount blocks for clusters `c0..c0+n` exist and are cached. Returns the
@@ -624,6 +709,7 @@ impl Meta {
                 // Still free? (It may have been reallocated by a path that appends.)
                 if self.refcount(st, c) == Some(0) {
                     st.free.push(c * self.cs);
+                    st.free_sorted = false;
                 }
             } else {
                 i += 1;

@@ -14,7 +14,10 @@
 //! that keeps the user's incremental-backup bitmaps valid.
 //!
 //! Allocation appends at the end of the file and reuses clusters this driver freed (after
-//! their grace period); it does not hunt for holes left by earlier users of the image.
+//! their grace period), lowest first and as contiguous runs where a multi-cluster write needs
+//! several; it does not hunt for holes left by earlier users of the image. Requests larger
+//! than a cluster are mapped whole and cut into one piece per host-contiguous run, run
+//! concurrently (see the `io` module).
 
 pub mod create;
 pub mod header;
