@@ -444,3 +444,43 @@ fn backing_file_names_resolve_like_qemu_and_json_is_refused() {
     assert!(e.unwrap_err().full_message().contains("json:"));
     let _ = std::fs::remove_dir_all(&dir.0);
 }
+
+#[test]
+fn an_image_with_internal_snapshots_opens_read_only_only() {
+    if qemu_tool("qemu-img").is_none() || qemu_tool("qemu-io").is_none() {
+        return;
+    }
+    let img = Scratch::new("snaps");
+    common::run_tool(&["qemu-img", "create", "-q", "-f", "qcow2", img.path(), "4M"]);
+    common::run_tool(&[
+        "qemu-io",
+        "-f",
+        "qcow2",
+        "-c",
+        "write -P 1 0 1M",
+        img.path(),
+    ]);
+    common::run_tool(&["qemu-img", "snapshot", "-c", "s1", img.path()]);
+    let open = |ro: bool| {
+        let p = img.0.clone();
+        run(async move {
+            image::open(
+                &p,
+                &ImageOptions {
+                    read_only: ro,
+                    ..Default::default()
+                },
+            )
+            .await
+            .map(|_| ())
+        })
+    };
+    let e = open(false).unwrap_err();
+    assert!(e.to_string().contains("internal snapshot"), "{e}");
+    open(true).unwrap();
+    // Nothing was written: the snapshot still reads as taken.
+    common::run_tool(&["qemu-img", "snapshot", "-a", "s1", img.path()]);
+    let out = common::run_tool(&["qemu-io", "-f", "qcow2", "-c", "read -P 1 0 1M", img.path()]);
+    assert!(!out.contains("fail"), "{out}");
+    check_clean(img.path());
+}

@@ -175,6 +175,15 @@ impl Qcow2Driver {
                      supported; open it read-only",
                 ));
             }
+            if h.nb_snapshots != 0 {
+                // Snapshots share clusters and L2 tables (refcount > 1) that a write would
+                // have to copy first; writing them in place would change the snapshots.
+                return Err(unsupported(&format!(
+                    "qcow2: the image has {} internal snapshot(s), which strata does not \
+                     write; open it read-only, or remove them with 'qemu-img snapshot -d'",
+                    h.nb_snapshots
+                )));
+            }
             if h.has_bitmaps
                 && h.autoclear & header::AUTOCLEAR_BITMAPS != 0
                 && !opts.discard_bitmaps
@@ -406,6 +415,9 @@ impl Driver for Qcow2Driver {
             }
             if h.extended_l2() {
                 return refuse("writing images with extended L2 entries is not supported");
+            }
+            if h.nb_snapshots != 0 {
+                return refuse("the image has internal snapshots, which strata does not write");
             }
             if h.autoclear != 0 {
                 return refuse(
