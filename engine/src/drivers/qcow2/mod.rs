@@ -178,7 +178,7 @@ impl Qcow2Driver {
             if h.nb_snapshots != 0 {
                 // Snapshots share clusters and L2 tables (refcount > 1) that a write would
                 // have to copy first; writing them in place would change the snapshots.
-                return Err(unsupported(&format!(
+                return Err(unsupported(format!(
                     "qcow2: the image has {} internal snapshot(s), which strata does not \
                      write; open it read-only, or remove them with 'qemu-img snapshot -d'",
                     h.nb_snapshots
