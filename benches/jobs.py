@@ -28,7 +28,8 @@ Timing:
 
 The guest case runs examples/stream_randread (4 KiB random reads at depth 32 on the top,
 alone, then with a stream limited to 100 MiB/s) on fresh copies; `randread-paused` does the
-same with the job paused as soon as it starts (what the copy-on-read filter alone costs).
+same with the job paused as soon as it starts (what the stream's filter alone costs: its
+guest reads do not copy, unlike QEMU's).
 QEMU's side is not measured (qemu-storage-daemon has no guest).
 """
 
@@ -341,7 +342,7 @@ def run_randread(rounds, seconds, speed, paused=False):
     prog = median([v["stream_progress"] for v in res]) / (1 << 20)
     finished = sum(1 for v in res if v["stream_finished"])
     phase = median([v["seconds_during"] for v in res])
-    what = ("stream started and paused at once (the copy-on-read filter alone)" if paused
+    what = ("stream started and paused at once (the stream's filter alone)" if paused
             else f"stream limited to {speed}/s")
     target = "(diagnostic)" if paused else ("met" if ratio >= 0.8 else "**missed**")
     print()

@@ -11,14 +11,13 @@
 //! The chain is opened with `cache.direct` (O_DIRECT) and the engine's default I/O mode. The
 //! guest's backend is served by IoThread 1 and the job runs on IoThread 0 (as a VM's device
 //! and a job would each have their own), or both on IoThread 0 with `--same-thread`. The job
-//! puts its copy-on-read filter above the top, so during the second phase the guest's reads
-//! of data not yet in the top also copy it up, as in QEMU. The stream is cancelled at the end
-//! of the second phase (TOP stays a valid image, partly streamed): use a fresh copy per run.
-//! The second phase ends early when the stream ends (the guest's copy-on-read reads help it
-//! along), so that only reads made while it ran count (`seconds_during`).
+//! puts its copy-on-read filter above the top; unlike QEMU's, it does not copy on the guest's
+//! reads (they are served from below and only leave hints for the job), so the guest pays
+//! for the job's own copying alone. The stream is cancelled at the end of the second phase
+//! (TOP stays a valid image, partly streamed): use a fresh copy per run. The second phase ends
+//! early if the stream ends, so that only reads made while it ran count (`seconds_during`).
 //! With `--paused` the job is paused as soon as it starts, so the second phase measures what
-//! the copy-on-read filter alone costs the guest (its reads still copy), without the job's
-//! own copying.
+//! the filter alone costs the guest, without the job's copying.
 
 use std::cell::Cell;
 use std::path::PathBuf;

@@ -6,6 +6,10 @@
 //! (the active layer) the job is an active commit ([`super::mirror`]); otherwise it is an
 //! intermediate commit, here.
 //!
+//! The copy keeps up to [`MAX_IN_FLIGHT`] chunks of [`COMMIT_BUFFER`] in flight
+//! (`InFlight`, `Pacer`: shared with stream and active commit); pause points, the rate
+//! limiter's sleeps and error handling come only with none in flight.
+//!
 //! An intermediate commit puts a `commit` filter above `top` (it takes nothing of `top` and
 //! shares everything, so the job may write `base` while the overlay still reads through the
 //! chain), freezes the edges from the filter down to `base`, and reopens `base` read-write.
@@ -19,9 +23,14 @@
 //! `base`'s file name in its header (reopened read-write for the write if it was read-only);
 //! then the nodes cut out are released.
 
+use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+use parking_lot::Mutex;
 
 use graph::{
     BlockStatus, Driver, Edge, Error, ErrorKind, LocalBoxFuture, Node, Perm, Result, Role,
@@ -44,6 +53,222 @@ use crate::engine::{on_io, reopen_drained};
 
 /// How much one iteration copies (QEMU's COMMIT_BUFFER_SIZE).
 pub const COMMIT_BUFFER: u64 = 512 * 1024;
+
+/// How many chunks of 512 KiB stream and commit keep in flight at once (4 MiB; active
+/// commit keeps up to [`super::mirror::MAX_IN_FLIGHT`] dirty ranges of up to 1 MiB, as QEMU's
+/// mirror does). More did not make a stream faster here: the copies' allocating writes to
+/// one file are what limits it.
+pub const MAX_IN_FLIGHT: usize = 8;
+
+enum Slot<'a, T> {
+    Running(LocalBoxFuture<'a, T>, Arc<SlotWaker>),
+    Done(T),
+}
+
+/// The waker a chunk's future gets: it marks the chunk as woken and wakes the job's task, so
+/// a poll of the set polls only the chunks that may have progressed (as `FuturesUnordered`
+/// does). Chunks can be woken from other threads (a guest's IoThread releasing a range).
+struct SlotWaker {
+    woken: AtomicBool,
+    task: Arc<Mutex<Option<Waker>>>,
+}
+
+impl Wake for SlotWaker {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        if let Some(w) = self.task.lock().as_ref() {
+            w.wake_by_ref();
+        }
+    }
+}
+
+/// A copy loop's chunks in flight: futures joined in the job's own task on its IoThread
+/// (nothing is spawned, so they may borrow the job), kept in the order they were issued, each
+/// with a key (what the chunk covers). A poll polls the chunks woken since the last one.
+///
+/// The loops keep one rule: they reach a pause point (or sleep in the rate limiter, or call
+/// `on_io_error`, which may pause) only after [`InFlight::settle`], so a job that reports
+/// itself quiet has no chunk in flight.
+pub(crate) struct InFlight<'a, K, T> {
+    slots: VecDeque<(K, Slot<'a, T>)>,
+    /// The job task's waker, as of the last poll.
+    task: Arc<Mutex<Option<Waker>>>,
+}
+
+impl<'a, K, T> InFlight<'a, K, T> {
+    pub(crate) fn new() -> Self {
+        InFlight {
+            slots: VecDeque::new(),
+            task: Arc::new(Mutex::new(None)),
+        }
+    }
+
+    /// Chunks held, running or done but not yet taken.
+    pub(crate) fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub(crate) fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// The keys of every chunk held.
+    pub(crate) fn keys(&self) -> impl Iterator<Item = &K> {
+        self.slots.iter().map(|(k, _)| k)
+    }
+
+    fn running(&self, fut: LocalBoxFuture<'a, T>) -> Slot<'a, T> {
+        let w = Arc::new(SlotWaker {
+            woken: AtomicBool::new(true),
+            task: Arc::clone(&self.task),
+        });
+        Slot::Running(fut, w)
+    }
+
+    /// Issues a chunk (it runs from the next poll on).
+    pub(crate) fn push(&mut self, key: K, fut: LocalBoxFuture<'a, T>) {
+        let slot = self.running(fut);
+        self.slots.push_back((key, slot));
+    }
+
+    /// Issues a chunk ahead of every other (a retry of the one taken last).
+    pub(crate) fn push_front(&mut self, key: K, fut: LocalBoxFuture<'a, T>) {
+        let slot = self.running(fut);
+        self.slots.push_front((key, slot));
+    }
+
+    /// Polls every running chunk woken since it was last polled; returns how many are still
+    /// running.
+    fn poll_all(&mut self, cx: &mut Context<'_>) -> usize {
+        {
+            let mut t = self.task.lock();
+            if !t.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+                *t = Some(cx.waker().clone());
+            }
+        }
+        let mut running = 0;
+        for (_, slot) in self.slots.iter_mut() {
+            if let Slot::Running(f, w) = slot {
+                if !w.woken.swap(false, Ordering::AcqRel) {
+                    running += 1;
+                    continue;
+                }
+                let waker = Waker::from(Arc::clone(w));
+                match f.as_mut().poll(&mut Context::from_waker(&waker)) {
+                    Poll::Ready(v) => *slot = Slot::Done(v),
+                    Poll::Pending => running += 1,
+                }
+            }
+        }
+        running
+    }
+
+    /// The oldest chunk once it is done (the others keep running meanwhile); None if none
+    /// is held.
+    pub(crate) async fn next_in_order(&mut self) -> Option<(K, T)> {
+        std::future::poll_fn(|cx| {
+            if self.slots.is_empty() {
+                return Poll::Ready(None);
+            }
+            self.poll_all(cx);
+            if matches!(self.slots.front(), Some((_, Slot::Done(_)))) {
+                return Poll::Ready(self.take(0));
+            }
+            Poll::Pending
+        })
+        .await
+    }
+
+    /// Whichever chunk is done first; None if none is held.
+    pub(crate) async fn next_any(&mut self) -> Option<(K, T)> {
+        std::future::poll_fn(|cx| {
+            if self.slots.is_empty() {
+                return Poll::Ready(None);
+            }
+            self.poll_all(cx);
+            match self
+                .slots
+                .iter()
+                .position(|(_, s)| matches!(s, Slot::Done(_)))
+            {
+                Some(i) => Poll::Ready(self.take(i)),
+                None => Poll::Pending,
+            }
+        })
+        .await
+    }
+
+    /// Waits until no chunk is running (the results stay, in order, for the next takes).
+    pub(crate) async fn settle(&mut self) {
+        std::future::poll_fn(|cx| {
+            if self.poll_all(cx) == 0 {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
+    }
+
+    fn take(&mut self, i: usize) -> Option<(K, T)> {
+        match self.slots.remove(i) {
+            Some((k, Slot::Done(v))) => Some((k, v)),
+            Some(_) => unreachable!("only done chunks are taken"),
+            None => None,
+        }
+    }
+}
+
+/// The speed limit as a copy loop with several chunks in flight keeps it: the bytes copied
+/// since the loop last waited in the rate limiter, and those in flight, stay within one
+/// slice's quota (a tenth of the speed), so a loop issues while it may and settles, then
+/// waits (`JobCx::rate_limit_wait`, which sleeps as long as the accounted bytes require)
+/// once the quota is used. Without a limit nothing holds the loop back.
+#[derive(Default)]
+pub(crate) struct Pacer {
+    since_wait: u64,
+}
+
+impl Pacer {
+    fn quota(speed: u64) -> Option<u64> {
+        (speed > 0).then(|| (speed / 10).max(1))
+    }
+
+    /// Whether another chunk may be issued with `in_flight` bytes issued and not accounted.
+    pub(crate) fn may_issue(&self, speed: u64, in_flight: u64) -> bool {
+        Self::quota(speed).is_none_or(|q| self.since_wait + in_flight < q)
+    }
+
+    /// Whether the loop should settle and wait in the rate limiter now.
+    pub(crate) fn must_wait(&self, speed: u64) -> bool {
+        Self::quota(speed).is_some_and(|q| self.since_wait >= q)
+    }
+
+    /// Accounts `n` bytes copied.
+    pub(crate) fn account(&mut self, cx: &JobCx, n: u64) {
+        if n > 0 {
+            cx.rate_account(n);
+            self.since_wait += n;
+        }
+    }
+
+    /// Sleeps in the rate limiter (call with nothing in flight).
+    pub(crate) async fn wait(&mut self, cx: &JobCx) {
+        self.since_wait = 0;
+        cx.rate_limit_wait().await;
+    }
+}
+
+/// What a copy loop checks between chunks: whether a pause (user or drain) was asked for,
+/// and the speed limit now.
+pub(crate) fn pause_and_speed(cx: &JobCx) -> (bool, u64) {
+    let info = cx.job().info();
+    (info.paused, info.speed)
+}
 
 /// The arguments of `block-commit`.
 #[derive(Debug, Clone)]
@@ -393,8 +618,54 @@ pub(crate) fn thaw(ctx: &ChangeCtx, edges: &mut Vec<Arc<Edge>>) {
     }
 }
 
+/// What one chunk of a commit does: the bytes it copied, or which side failed.
+type PieceResult = std::result::Result<u64, (IoOp, std::io::Error)>;
+
+/// Copies the extents of `[off, off + want)` allocated from `top` down to `base_overlay` into
+/// `base`; returns how many bytes it copied.
+async fn copy_piece(
+    top: &Arc<Node>,
+    base_overlay: &Arc<Node>,
+    base: &Arc<Node>,
+    off: u64,
+    want: u64,
+) -> PieceResult {
+    let end = off + want;
+    let mut o = off;
+    let mut copied = 0;
+    while o < end {
+        let (alloc, mut n) = cor::is_allocated_above(top, Some(base_overlay), o, end - o)
+            .await
+            .map_err(|e| (IoOp::Read, e))?;
+        n = n.clamp(1, end - o);
+        // Allocated extents that follow each other (in whichever images) go as one copy.
+        while alloc && o + n < end {
+            let (more, m) = cor::is_allocated_above(top, Some(base_overlay), o + n, end - o - n)
+                .await
+                .map_err(|e| (IoOp::Read, e))?;
+            if !more {
+                break;
+            }
+            n += m.clamp(1, end - o - n);
+        }
+        if alloc {
+            let (r, buf) = top.read(o, IoBuf::new(n as usize)).await;
+            r.map_err(|e| (IoOp::Read, e))?;
+            let (r, _) = base.write(o, buf, WriteFlags::default()).await;
+            r.map_err(|e| (IoOp::Write, e))?;
+            copied += n;
+        }
+        o += n;
+    }
+    Ok(copied)
+}
+
 /// Copies the extents allocated from `top` down to `base_overlay` into `base`, as QEMU's
-/// `commit_run` does (an error pauses, retries or fails the job per `on-error`).
+/// `commit_run` does, in [`COMMIT_BUFFER`] chunks of which up to [`MAX_IN_FLIGHT`] are in
+/// flight at once. Progress counts chunks in order, so the offset a job shows is the end of
+/// the chunks done before the first one not done. An error settles the chunks in flight,
+/// then pauses, retries or fails the job per `on-error` (a retry redoes the failed chunk
+/// first).
 pub(crate) async fn copy_down(
     cx: &JobCx,
     top: &Arc<Node>,
@@ -402,49 +673,59 @@ pub(crate) async fn copy_down(
     base: &Arc<Node>,
     len: u64,
 ) -> Result<()> {
-    let mut offset = 0;
-    let mut copied = false;
-    while offset < len {
-        if copied {
-            cx.rate_limit_wait().await;
-        } else {
-            cx.pause_point().await;
-        }
+    let piece = |off: u64, want: u64| -> LocalBoxFuture<'_, PieceResult> {
+        Box::pin(copy_piece(top, base_overlay, base, off, want))
+    };
+    let mut window: InFlight<'_, (u64, u64), PieceResult> = InFlight::new();
+    let mut pacer = Pacer::default();
+    let mut next = 0;
+    loop {
         if cx.is_cancelled() {
+            window.settle().await;
             return Ok(());
         }
-        let want = COMMIT_BUFFER.min(len - offset);
-        let r = async {
-            let (alloc, n) = cor::is_allocated_above(top, Some(base_overlay), offset, want)
-                .await
-                .map_err(|e| (IoOp::Read, e))?;
-            let n = n.clamp(1, want);
-            if alloc {
-                let (r, buf) = top.read(offset, IoBuf::new(n as usize)).await;
-                r.map_err(|e| (IoOp::Read, e))?;
-                let (r, _) = base.write(offset, buf, WriteFlags::default()).await;
-                r.map_err(|e| (IoOp::Write, e))?;
+        let (paused, speed) = pause_and_speed(cx);
+        if paused || pacer.must_wait(speed) {
+            window.settle().await;
+            if pacer.must_wait(speed) {
+                pacer.wait(cx).await;
+            } else {
+                cx.pause_point().await;
             }
-            Ok::<_, (IoOp, std::io::Error)>((n, alloc))
+            continue;
         }
-        .await;
-        match r {
-            Ok((n, copy)) => {
-                cx.progress(n);
-                if copy {
-                    cx.rate_account(n);
-                }
-                copied = copy;
-                offset += n;
+        while window.len() < MAX_IN_FLIGHT && next < len {
+            let in_flight = window.keys().map(|k| k.1).sum();
+            if !pacer.may_issue(speed, in_flight) {
+                break;
             }
-            Err((op, e)) => match cx.on_io_error(op, &e).await {
-                // Commit retries the piece (skipping it would lose data once top is cut out).
-                ErrorAction::Stop | ErrorAction::Ignore => copied = false,
-                ErrorAction::Report => return Err(job_io_error(&e)),
-            },
+            let want = COMMIT_BUFFER.min(len - next);
+            window.push((next, want), piece(next, want));
+            next += want;
+        }
+        let Some(((off, want), r)) = window.next_in_order().await else {
+            return Ok(());
+        };
+        match r {
+            Ok(copied) => {
+                cx.progress(want);
+                pacer.account(cx, copied);
+            }
+            Err((op, e)) => {
+                window.settle().await;
+                match cx.on_io_error(op, &e).await {
+                    // Commit retries the piece (skipping it would lose data once top is cut
+                    // out).
+                    ErrorAction::Stop | ErrorAction::Ignore => {
+                        if !cx.is_cancelled() {
+                            window.push_front((off, want), piece(off, want));
+                        }
+                    }
+                    ErrorAction::Report => return Err(job_io_error(&e)),
+                }
+            }
         }
     }
-    Ok(())
 }
 
 /// Points every parent of `old` at `base` in one drained transaction, then writes `base`'s
@@ -703,5 +984,128 @@ impl Driver for CommitTopDriver {
                 .block_status(offset, len)
                 .await
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+    use std::rc::Rc;
+
+    /// A future that completes once `gate` is open, counting its polls; whoever opens the
+    /// gate wakes the waker it left.
+    struct Gated {
+        gate: Rc<Cell<bool>>,
+        waker: Rc<Cell<Option<Waker>>>,
+        polls: Rc<Cell<u32>>,
+    }
+
+    impl Future for Gated {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.polls.set(self.polls.get() + 1);
+            if self.gate.get() {
+                return Poll::Ready(());
+            }
+            self.waker.set(Some(cx.waker().clone()));
+            Poll::Pending
+        }
+    }
+
+    struct Flag(AtomicBool);
+
+    impl Wake for Flag {
+        fn wake(self: Arc<Self>) {
+            self.0.store(true, Ordering::Release);
+        }
+    }
+
+    #[test]
+    fn in_flight_takes_in_order_and_polls_only_woken_chunks() {
+        let task = Arc::new(Flag(AtomicBool::new(false)));
+        let waker = Waker::from(Arc::clone(&task));
+        let mut cx = Context::from_waker(&waker);
+        let mut set: InFlight<'_, usize, ()> = InFlight::new();
+        let chunks: Vec<_> = (0..3)
+            .map(|_| {
+                (
+                    Rc::new(Cell::new(false)),
+                    Rc::new(Cell::new(None::<Waker>)),
+                    Rc::new(Cell::new(0u32)),
+                )
+            })
+            .collect();
+        for (i, (gate, w, polls)) in chunks.iter().enumerate() {
+            set.push(
+                i,
+                Box::pin(Gated {
+                    gate: Rc::clone(gate),
+                    waker: Rc::clone(w),
+                    polls: Rc::clone(polls),
+                }),
+            );
+        }
+        let open = |i: usize| {
+            chunks[i].0.set(true);
+            chunks[i].1.take().expect("a waker").wake();
+        };
+        {
+            let mut next = std::pin::pin!(set.next_in_order());
+            assert!(next.as_mut().poll(&mut cx).is_pending());
+            // The last chunk ends first: nothing to take yet, and only it is polled again.
+            open(2);
+            assert!(task.0.swap(false, Ordering::AcqRel), "the task was woken");
+            assert!(next.as_mut().poll(&mut cx).is_pending());
+            assert_eq!(
+                chunks.iter().map(|c| c.2.get()).collect::<Vec<_>>(),
+                [1, 1, 2]
+            );
+            open(0);
+            assert!(matches!(
+                next.as_mut().poll(&mut cx),
+                Poll::Ready(Some((0, ())))
+            ));
+        }
+        assert_eq!(set.len(), 2);
+        {
+            let mut next = std::pin::pin!(set.next_any());
+            // Chunk 2 is done already: taken before chunk 1.
+            assert!(matches!(
+                next.as_mut().poll(&mut cx),
+                Poll::Ready(Some((2, ())))
+            ));
+        }
+        {
+            let mut settle = std::pin::pin!(set.settle());
+            assert!(settle.as_mut().poll(&mut cx).is_pending());
+            open(1);
+            assert!(settle.as_mut().poll(&mut cx).is_ready());
+        }
+        assert_eq!(chunks[1].2.get(), 2, "chunk 1 was polled only when woken");
+        {
+            let mut next = std::pin::pin!(set.next_in_order());
+            assert!(matches!(
+                next.as_mut().poll(&mut cx),
+                Poll::Ready(Some((1, ())))
+            ));
+        }
+        assert!(set.is_empty());
+    }
+
+    #[test]
+    fn pacer_keeps_a_slice_quota_in_flight() {
+        let p = Pacer::default();
+        assert!(p.may_issue(0, u64::MAX / 2), "no limit");
+        assert!(!p.must_wait(0));
+        // 10 MB/s: 1 MB per 100 ms slice.
+        assert!(p.may_issue(10_000_000, 0));
+        assert!(p.may_issue(10_000_000, 999_999));
+        assert!(!p.may_issue(10_000_000, 1_000_000));
+        let p = Pacer {
+            since_wait: 1_000_000,
+        };
+        assert!(p.must_wait(10_000_000));
+        assert!(!p.must_wait(20_000_000));
     }
 }

@@ -8,6 +8,12 @@
 //! the copy marks it again) until none is left, flushes base and goes READY. It keeps copying
 //! new writes until `complete` (or a cancel, which after READY is soft).
 //!
+//! Up to [`MAX_IN_FLIGHT`] copies are in flight at once, as QEMU's mirror keeps up to 16;
+//! never two of overlapping ranges (a range written again while its copy runs waits for that
+//! copy, or the older data could land in base last). The loop reaches a pause point, sleeps
+//! in the rate limiter or handles an error only once every copy in flight has ended, so a
+//! drained job has none running.
+//!
 //! The completion is one graph change: with the filter and everything above it drained (no
 //! guest write can start), the last dirty ranges are copied and base is flushed; then base
 //! takes the filter's place under every parent (the pivot), or on a soft cancel the filter
@@ -28,7 +34,8 @@ use iothreads::{BufResult, IoBuf};
 
 use super::chain::{chain_until, filter_or_cow_edge, find_overlay};
 use super::commit::{
-    attach_writer, release_writer, replace_with_base, thaw, CommitArgs, Resolved, WriterEdge,
+    attach_writer, pause_and_speed, release_writer, replace_with_base, thaw, CommitArgs, InFlight,
+    Pacer, Resolved, WriterEdge,
 };
 use super::{job_io_error, ErrorAction, IoOp, JobCx, JobDriver, JobSetup, JobType};
 use crate::controller::ChangeCtx;
@@ -39,6 +46,8 @@ use crate::engine::{on_io, reopen_drained};
 pub const GRANULARITY: u64 = 64 * 1024;
 /// The most one copy moves.
 pub const MAX_CHUNK: u64 = 1024 * 1024;
+/// How many copies are in flight at once (QEMU's mirror: `MAX_IN_FLIGHT`, 16).
+pub const MAX_IN_FLIGHT: usize = 16;
 
 /// A dirty bitmap over a node's range, one bit per [`GRANULARITY`] bytes, lock-free: writers
 /// set bits with `fetch_or`, the job clears them with `fetch_and`.
@@ -202,17 +211,40 @@ struct ActiveCommitJob {
     filter_dropped: bool,
 }
 
+/// What one copy of a dirty range ends with: done, or which side failed.
+type CopyResult = std::result::Result<(), (IoOp, std::io::Error)>;
+
 /// Copies `[off, off + n)` from top into base.
-async fn copy_range(
-    top: &Node,
-    base: &Node,
-    off: u64,
-    n: u64,
-) -> std::result::Result<(), (IoOp, std::io::Error)> {
+async fn copy_range(top: &Node, base: &Node, off: u64, n: u64) -> CopyResult {
     let (r, buf) = top.read(off, IoBuf::new(n as usize)).await;
     r.map_err(|e| (IoOp::Read, e))?;
     let (r, _) = base.write(off, buf, WriteFlags::default()).await;
     r.map_err(|e| (IoOp::Write, e))
+}
+
+/// Waits for every copy in flight and takes the results: progress for those done, the range
+/// dirty again for those that failed; returns the first failure.
+async fn settle(
+    cx: &JobCx,
+    window: &mut InFlight<'_, (u64, u64), CopyResult>,
+    bitmap: &DirtyBitmap,
+    pacer: &mut Pacer,
+) -> Option<(IoOp, std::io::Error)> {
+    window.settle().await;
+    let mut first = None;
+    while let Some(((off, n), r)) = window.next_any().await {
+        match r {
+            Ok(()) => {
+                cx.progress(n);
+                pacer.account(cx, n);
+            }
+            Err(e) => {
+                bitmap.set(off, n);
+                first.get_or_insert(e);
+            }
+        }
+    }
+    first
 }
 
 /// Copies every dirty range (nothing may write meanwhile: the caller drained), then flushes.
@@ -255,29 +287,70 @@ impl ActiveCommitJob {
             }
         }
         cx.set_total(self.bitmap.dirty_bytes());
+        // The copies in flight borrow these (not `self`, which the loop sets on its way out).
+        let (top, base, bitmap) = (
+            Arc::clone(&self.top),
+            Arc::clone(&self.base),
+            Arc::clone(&self.bitmap),
+        );
+        let copy = |off: u64, n: u64| -> LocalBoxFuture<'_, CopyResult> {
+            Box::pin(copy_range(&top, &base, off, n))
+        };
+        let mut window: InFlight<'_, (u64, u64), CopyResult> = InFlight::new();
+        let mut pacer = Pacer::default();
         let mut cursor = 0;
-        let mut copied = false;
         let mut ready = false;
         loop {
-            if copied {
-                cx.rate_limit_wait().await;
-            } else {
-                cx.pause_point().await;
-            }
             if cx.is_cancelled() {
+                settle(cx, &mut window, &bitmap, &mut pacer).await;
                 return Ok(());
             }
+            let (paused, speed) = pause_and_speed(cx);
+            if paused || pacer.must_wait(speed) {
+                if let Some((op, e)) = settle(cx, &mut window, &bitmap, &mut pacer).await {
+                    if cx.on_io_error(op, &e).await == ErrorAction::Report {
+                        return Err(job_io_error(&e));
+                    }
+                    continue;
+                }
+                if pacer.must_wait(speed) {
+                    pacer.wait(cx).await;
+                } else {
+                    cx.pause_point().await;
+                }
+                continue;
+            }
             // Once READY, `complete` (or a soft cancel) ends the loop now: the completion
-            // drains the guest and copies what is still dirty. Waiting for the bitmap to run
-            // empty first would hold `complete` off for as long as the guest keeps writing.
+            // drains the guest and copies what is still dirty (a copy that failed here is
+            // dirty again). Waiting for the bitmap to run empty first would hold `complete`
+            // off for as long as the guest keeps writing.
             if ready && cx.should_complete() {
+                settle(cx, &mut window, &bitmap, &mut pacer).await;
                 self.pivot = !cx.soft_cancelled();
                 return Ok(());
             }
-            let Some((off, n)) = self.bitmap.next_chunk(cursor, MAX_CHUNK) else {
-                copied = false;
+            // Issue dirty runs, none overlapping a copy in flight (a range written again while
+            // its copy runs waits for that copy: two copies of one range in flight could land
+            // in base in the wrong order).
+            while window.len() < MAX_IN_FLIGHT {
+                let in_flight = window.keys().map(|k| k.1).sum();
+                if !pacer.may_issue(speed, in_flight) {
+                    break;
+                }
+                let Some((off, n)) = bitmap.next_chunk(cursor, MAX_CHUNK) else {
+                    break;
+                };
+                if window.keys().any(|&(o, l)| o < off + n && off < o + l) {
+                    break;
+                }
+                bitmap.clear(off, n);
+                window.push((off, n), copy(off, n));
+                cursor = off + n;
+            }
+            if window.is_empty() {
+                // Nothing dirty (with nothing in flight, nothing blocks an issue).
                 if !ready {
-                    if let Err(e) = self.base.flush().await {
+                    if let Err(e) = base.flush().await {
                         match cx.on_io_error(IoOp::Write, &e).await {
                             ErrorAction::Report => return Err(job_io_error(&e)),
                             _ => continue,
@@ -292,19 +365,21 @@ impl ActiveCommitJob {
                 }
                 cx.sleep(Duration::from_millis(100)).await;
                 continue;
+            }
+            let Some(((off, n), r)) = window.next_any().await else {
+                continue;
             };
-            self.bitmap.clear(off, n);
-            match copy_range(&self.top, &self.base, off, n).await {
+            match r {
                 Ok(()) => {
                     cx.progress(n);
-                    cx.set_remaining(self.bitmap.dirty_bytes());
-                    cx.rate_account(n);
-                    copied = true;
-                    cursor = off + n;
+                    pacer.account(cx, n);
+                    let in_flight: u64 = window.keys().map(|k| k.1).sum();
+                    cx.set_remaining(bitmap.dirty_bytes() + in_flight);
                 }
                 Err((op, e)) => {
-                    self.bitmap.set(off, n);
-                    copied = false;
+                    bitmap.set(off, n);
+                    // The others finish first: the error is handled with nothing in flight.
+                    settle(cx, &mut window, &bitmap, &mut pacer).await;
                     if cx.on_io_error(op, &e).await == ErrorAction::Report {
                         return Err(job_io_error(&e));
                     }

@@ -3,7 +3,20 @@
 //!
 //! The job puts a copy-on-read filter above the node (its `bottom` is the lowest image whose
 //! data is copied), so the job's copies and the guest's writes through the filter exclude each
-//! other, and guest reads copy too. The edges from the node down to the image above the base
+//! other: a guest write is never overwritten by stale copied data.
+//!
+//! Guest reads do not copy (the filter runs in [`CorMode::Stream`]): they are served straight
+//! from below, and the clusters they touch become hints the job may copy first. This departs
+//! from QEMU, whose stream copies on guest reads too. Stream correctness does not depend on
+//! guest reads copying: the job walks the whole range and copies every cluster between the
+//! node and the base, so a read that copied would only do early what the job does anyway, at
+//! a price: copying on read cost the guest about 3x its read IOPS during a stream (a 4 KiB
+//! read of a cluster not yet in the node became a 64 KiB read and an allocating write before
+//! it was answered; see BENCHMARKS.md, "Block jobs").
+//!
+//! The walk keeps up to [`MAX_IN_FLIGHT`] chunks of [`STREAM_CHUNK`] in flight; it reaches a
+//! pause point, sleeps in the rate limiter or handles an error only with none in flight (a
+//! drained job has no copy running), and counts progress in order. The edges from the node down to the image above the base
 //! are frozen while the job runs; the job owns the filter, the node and the images it will
 //! drop ([`super::JobManager::check_free`]), so overlapping jobs are refused as QEMU refuses
 //! them, while jobs on disjoint parts of one chain run in parallel.
@@ -16,18 +29,19 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
-use graph::{BlockStatus, Edge, Error, ErrorKind, Node, Perm, Result, Role};
+use graph::{Edge, Error, ErrorKind, LocalBoxFuture, Node, Perm, Result, Role};
 
 use super::chain::{
     chain_contains, chain_until, filter_or_cow_edge, find_backing_image, find_overlay,
     image_filename, image_format,
 };
+use super::commit::{pause_and_speed, InFlight, Pacer, MAX_IN_FLIGHT};
 use super::{
     job_io_error, ErrorAction, IoOp, Job, JobCx, JobDriver, JobManager, JobSetup, JobSpec, JobType,
     OnError,
 };
 use crate::controller::ChangeCtx;
-use crate::drivers::cor::{self, CorDriver, CorOptions};
+use crate::drivers::cor::{CorDriver, CorMode, CorOptions};
 use crate::drivers::qcow2::Qcow2Driver;
 use crate::engine::{lookup, on_io, reopen_drained};
 
@@ -211,6 +225,7 @@ async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: StreamArgs) -> Result<Jo
         Box::new(CorDriver::new(CorOptions {
             bottom: Some(Arc::clone(&base_overlay)),
             granularity: 0,
+            mode: CorMode::Stream,
         })),
         false,
     )?;
@@ -302,6 +317,12 @@ impl StreamJob {
         }
     }
 
+    /// Walks the top's range in [`STREAM_CHUNK`] chunks, up to [`MAX_IN_FLIGHT`] in flight,
+    /// each copying through the filter ([`CorDriver::prefetch`]) what lies between the top
+    /// and the base; before each chunk it may copy one cluster a guest read touched ahead of
+    /// the walk (a hint). Progress counts chunks in order (hints count only against the speed
+    /// limit). An error settles the chunks in flight, then pauses (and redoes the chunk),
+    /// skips the chunk or fails the job per `on-error`.
     async fn copy_loop(&self, cx: &JobCx) -> Result<()> {
         let top = self.top.skip_filters();
         if Arc::ptr_eq(&top, &self.base_overlay) {
@@ -313,43 +334,78 @@ impl StreamJob {
             .expect("the stream filter is copy-on-read");
         let len = self.filter.len();
         cx.set_total(len);
-        let mut offset = 0;
+        let filter = &self.filter;
+        let chunk = |off: u64, want: u64| -> LocalBoxFuture<'_, std::io::Result<u64>> {
+            Box::pin(cor.prefetch(filter, off, want))
+        };
+        let mut window: InFlight<'_, Chunk, std::io::Result<u64>> = InFlight::new();
+        let mut pacer = Pacer::default();
+        let mut next = 0;
         let mut first_error: Option<std::io::Error> = None;
-        let mut copied = false;
-        while offset < len {
-            if copied {
-                cx.rate_limit_wait().await;
-            } else {
-                cx.pause_point().await;
-            }
+        loop {
             if cx.is_cancelled() {
+                window.settle().await;
                 break;
             }
-            let want = STREAM_CHUNK.min(len - offset);
-            let r = self.one_chunk(cx, &top, cor, offset, want).await;
-            let (n, copy) = match r {
-                Ok(v) => v,
-                Err(e) => match cx.on_io_error(IoOp::Read, &e).await {
-                    ErrorAction::Stop => {
-                        copied = false;
-                        continue; // retry once resumed
-                    }
-                    ErrorAction::Report => {
-                        first_error.get_or_insert(e);
-                        break;
-                    }
-                    ErrorAction::Ignore => {
-                        first_error.get_or_insert(e);
-                        (want, false)
-                    }
-                },
-            };
-            cx.progress(n);
-            if copy {
-                cx.rate_account(n);
+            let (paused, speed) = pause_and_speed(cx);
+            if paused || pacer.must_wait(speed) {
+                window.settle().await;
+                if pacer.must_wait(speed) {
+                    pacer.wait(cx).await;
+                } else {
+                    cx.pause_point().await;
+                }
+                continue;
             }
-            copied = copy;
-            offset += n;
+            while window.len() < MAX_IN_FLIGHT && next < len {
+                let in_flight = window.keys().map(|k| k.len).sum();
+                if !pacer.may_issue(speed, in_flight) {
+                    break;
+                }
+                let want = STREAM_CHUNK.min(len - next);
+                if window.len() + 1 < MAX_IN_FLIGHT {
+                    if let Some(h) = Self::hint_ahead(cor, next + want, len) {
+                        let n = HINT_LEN.min(len - h);
+                        window.push(Chunk::hint(h, n), chunk(h, n));
+                    }
+                }
+                window.push(Chunk::walk(next, want), chunk(next, want));
+                next += want;
+            }
+            let Some((c, r)) = window.next_in_order().await else {
+                break;
+            };
+            match r {
+                Ok(copied) => {
+                    if !c.hint {
+                        cx.progress(c.len);
+                    }
+                    pacer.account(cx, copied);
+                }
+                // A hint is only a hint: the walk gets to the cluster in any case.
+                Err(e) if c.hint => {
+                    tracing::debug!("stream: copying a hinted cluster at {}: {e}", c.off);
+                }
+                Err(e) => {
+                    window.settle().await;
+                    match cx.on_io_error(IoOp::Read, &e).await {
+                        ErrorAction::Stop => {
+                            // Redo the chunk once resumed.
+                            if !cx.is_cancelled() {
+                                window.push_front(c, chunk(c.off, c.len));
+                            }
+                        }
+                        ErrorAction::Report => {
+                            first_error.get_or_insert(e);
+                            break;
+                        }
+                        ErrorAction::Ignore => {
+                            first_error.get_or_insert(e);
+                            cx.progress(c.len);
+                        }
+                    }
+                }
+            }
         }
         match first_error {
             // An ignored error still keeps the backing file (the copy is incomplete).
@@ -358,29 +414,44 @@ impl StreamJob {
         }
     }
 
-    /// Looks at `[offset, offset + want)`; copies what lies between the top and the base.
-    /// Returns how many bytes it covered and whether it copied.
-    async fn one_chunk(
-        &self,
-        _cx: &JobCx,
-        top: &Arc<Node>,
-        cor: &CorDriver,
-        offset: u64,
-        want: u64,
-    ) -> std::io::Result<(u64, bool)> {
-        let (st, n) = top.block_status(offset, want).await?;
-        let n = n.clamp(1, want);
-        if st != BlockStatus::Unallocated {
-            return Ok((n, false));
+    /// The first hint at or after `from` (hints behind it are dropped: the walk has issued
+    /// those clusters already).
+    fn hint_ahead(cor: &CorDriver, from: u64, len: u64) -> Option<u64> {
+        while let Some(h) = cor.take_hint() {
+            if h >= from && h < len {
+                return Some(h);
+            }
         }
-        let (below, n) = match top.filter_or_cow_child() {
-            Some(b) => cor::is_allocated_above(&b, Some(&self.base_overlay), offset, n).await?,
-            None => (false, n),
-        };
-        if below {
-            cor.prefetch(&self.filter, offset, n).await?;
+        None
+    }
+}
+
+/// How much a hinted copy covers (the filter rounds it out to its granularity).
+const HINT_LEN: u64 = 64 * 1024;
+
+/// A chunk in flight: the walk's, or a hinted cluster's.
+#[derive(Debug, Clone, Copy)]
+struct Chunk {
+    off: u64,
+    len: u64,
+    hint: bool,
+}
+
+impl Chunk {
+    fn walk(off: u64, len: u64) -> Chunk {
+        Chunk {
+            off,
+            len,
+            hint: false,
         }
-        Ok((n, below))
+    }
+
+    fn hint(off: u64, len: u64) -> Chunk {
+        Chunk {
+            off,
+            len,
+            hint: true,
+        }
     }
 }
 
