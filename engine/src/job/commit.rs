@@ -468,17 +468,7 @@ async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: CommitArgs) -> Result<Jo
         // not share resizing do not stand in the way.
         let resize = base.len() < top.len();
         let writer = attach_writer_with(tx, &base, &job_id, resize, Perm::NONE)?;
-        tx.attach_child(&filter, &top, Role::Filtered)?;
-        tx.insert_filter(&filter, &top)?;
-        // Freeze from the filter down to base (the edge into base included).
-        let mut cur = Arc::clone(&filter);
-        while !Arc::ptr_eq(&cur, &base) {
-            let e = filter_or_cow_edge(&cur).expect("base is below top");
-            tx.freeze(&e)?;
-            let next = e.child();
-            frozen.borrow_mut().push(e);
-            cur = next;
-        }
+        insert_filter_and_freeze(tx, &filter, &top, &base, &mut frozen.borrow_mut())?;
         Ok(writer)
     });
     drained.end();
@@ -596,6 +586,28 @@ pub(crate) async fn grow_base(base: &Node, len: u64) -> Result<()> {
             format!("Could not resize '{}' to {len} bytes: {e}", base.name()),
         )
     })
+}
+
+/// Puts the job's `filter` above `top` and freezes every edge from the filter down to
+/// `base` (the edge into base included), recording them in `frozen` (commit and mirror alike).
+pub(crate) fn insert_filter_and_freeze(
+    tx: &mut graph::Transaction<'_>,
+    filter: &Arc<Node>,
+    top: &Arc<Node>,
+    base: &Arc<Node>,
+    frozen: &mut Vec<Arc<Edge>>,
+) -> Result<()> {
+    tx.attach_child(filter, top, Role::Filtered)?;
+    tx.insert_filter(filter, top)?;
+    let mut cur = Arc::clone(filter);
+    while !Arc::ptr_eq(&cur, base) {
+        let e = filter_or_cow_edge(&cur).expect("base is below top");
+        tx.freeze(&e)?;
+        let next = e.child();
+        frozen.push(e);
+        cur = next;
+    }
+    Ok(())
 }
 
 /// Gives up write access taken by [`attach_writer`].

@@ -32,7 +32,7 @@ use graph::{
 };
 use iothreads::{BufResult, IoBuf};
 
-use super::chain::{chain_until, filter_or_cow_edge, find_overlay};
+use super::chain::{chain_until, find_overlay};
 use super::commit::{
     attach_writer, pause_and_speed, release_writer, replace_with_base, thaw, CommitArgs, InFlight,
     Pacer, Resolved, WriterEdge,
@@ -153,16 +153,13 @@ pub(crate) async fn setup_active_commit(
         }
         // Base shares writes: at the pivot, top's writers move onto it.
         let writer = attach_writer(tx, &base, &job_id, Perm::WRITE | Perm::RESIZE)?;
-        tx.attach_child(&filter, &top, Role::Filtered)?;
-        tx.insert_filter(&filter, &top)?;
-        let mut cur = Arc::clone(&filter);
-        while !Arc::ptr_eq(&cur, &base) {
-            let e = filter_or_cow_edge(&cur).expect("base is below top");
-            tx.freeze(&e)?;
-            let next = e.child();
-            frozen.borrow_mut().push(e);
-            cur = next;
-        }
+        super::commit::insert_filter_and_freeze(
+            tx,
+            &filter,
+            &top,
+            &base,
+            &mut frozen.borrow_mut(),
+        )?;
         Ok(writer)
     });
     drained.end();
