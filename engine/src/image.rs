@@ -237,7 +237,9 @@ pub async fn create(
             };
             let r = qcow2::create::create(&file, opts).await;
             drop(edge);
-            r
+            // Closed before returning: whoever opens the new image next must find it unlocked.
+            let closed = file.close_if_last().await;
+            r.and(closed.map_err(|e| Error::io("closing the new image", e)))
         }
     }
 }

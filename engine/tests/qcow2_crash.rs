@@ -225,9 +225,11 @@ fn strata_content(path: &Path, direct: bool) -> Result<Vec<u8>, String> {
         let node = image::open(&p, &opts)
             .await
             .map_err(|e| format!("strata cannot open the image: {e}"))?;
-        read_all(&node)
+        let data = read_all(&node)
             .await
-            .map_err(|e| format!("strata cannot read the image: {e}"))
+            .map_err(|e| format!("strata cannot read the image: {e}"));
+        let _ = node.close_if_last().await;
+        data
     })
 }
 
@@ -272,6 +274,7 @@ fn make_base(path: &Path, cs: u64, size: u64, direct: bool) {
             off += n;
         }
         node.flush().await.unwrap();
+        node.close_if_last().await.unwrap();
     });
 }
 

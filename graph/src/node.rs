@@ -274,6 +274,31 @@ impl Node {
         Ok(node)
     }
 
+    /// Closes the node here and now when `self` is its last reference, then its children the
+    /// same way, so that a caller that made nodes for a moment (image creation, a tool that
+    /// opened an image) returns only once the files are closed and their image locks released.
+    /// A node someone else still holds is only let go (its last holder's drop closes it).
+    pub fn close_if_last(
+        self: Arc<Self>,
+    ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<()>>>> {
+        Box::pin(async move {
+            let Ok(mut node) = Arc::try_unwrap(self) else {
+                return Ok(());
+            };
+            let Some(driver) = node.driver.take() else {
+                return Ok(());
+            };
+            let mut r = driver.close().await;
+            drop(driver);
+            let children: Vec<Arc<Node>> = node.children().iter().map(|e| e.child()).collect();
+            drop(node);
+            for child in children {
+                r = r.and(child.close_if_last().await);
+            }
+            r
+        })
+    }
+
     /// The node-name.
     pub fn name(&self) -> &str {
         &self.name
