@@ -278,11 +278,18 @@ impl Node {
     /// same way, so that a caller that made nodes for a moment (image creation, a tool that
     /// opened an image) returns only once the files are closed and their image locks released.
     /// A node someone else still holds is only let go (its last holder's drop closes it).
+    /// Takes the mutation lock for a moment: not for use inside a transaction.
     pub fn close_if_last(
         self: Arc<Self>,
     ) -> std::pin::Pin<Box<dyn std::future::Future<Output = io::Result<()>>>> {
         Box::pin(async move {
-            let Ok(mut node) = Arc::try_unwrap(self) else {
+            // Under the mutation lock: a permission refresh elsewhere holds every node for a
+            // moment, and must not be the one to drop our last reference.
+            let unwrapped = {
+                let _m = crate::txn::mutation();
+                Arc::try_unwrap(self)
+            };
+            let Ok(mut node) = unwrapped else {
                 return Ok(());
             };
             let Some(driver) = node.driver.take() else {
