@@ -50,3 +50,56 @@ fn an_image_opens_for_writing_the_moment_create_returns() {
     release.send(()).unwrap();
     holder.join().unwrap().unwrap();
 }
+
+/// A process spawned by another thread shares, until it execs, every open file description of
+/// ours: image locks still on a descriptor that `create` closes would outlive the close. So
+/// create releases them explicitly, and creating then opening stays clean while children
+/// are spawned all the time.
+#[test]
+fn create_leaves_no_lock_behind_in_a_forked_child() {
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::Arc;
+    let stop = Arc::new(AtomicBool::new(false));
+    let spawner = {
+        let stop = Arc::clone(&stop);
+        std::thread::spawn(move || {
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok(mut c) = std::process::Command::new("true").spawn() {
+                    let _ = c.wait();
+                }
+            }
+        })
+    };
+    let img = Scratch::new("forked");
+    let p = img.0.clone();
+    let r = std::panic::catch_unwind(move || {
+        run(async move {
+            for round in 0..300 {
+                let format = if round % 2 == 0 {
+                    Format::Raw
+                } else {
+                    Format::Qcow2
+                };
+                image::create(
+                    &p,
+                    format,
+                    &CreateOptions {
+                        size: 1 << 20,
+                        ..Default::default()
+                    },
+                )
+                .await
+                .unwrap_or_else(|e| panic!("round {round}: create: {e}"));
+                let node = image::open(&p, &ImageOptions::default())
+                    .await
+                    .unwrap_or_else(|e| panic!("round {round}: open: {e}"));
+                node.close_if_last().await.unwrap();
+            }
+        })
+    });
+    stop.store(true, Ordering::Relaxed);
+    spawner.join().unwrap();
+    if let Err(e) = r {
+        std::panic::resume_unwind(e);
+    }
+}

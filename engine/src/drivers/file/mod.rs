@@ -950,9 +950,12 @@ pub fn create_file(path: &Path, size: u64) -> Result<(), Error> {
         &mut st,
         lock::read_write_state(),
     )?;
-    // The descriptor closes at the end of this function, releasing the locks.
-    file.set_len(0)
+    let r = file
+        .set_len(0)
         .and_then(|_| file.set_len(size))
-        .map_err(|e| Error::io(format!("Could not resize '{display}' to {size} bytes"), e))?;
-    Ok(())
+        .map_err(|e| Error::io(format!("Could not resize '{display}' to {size} bytes"), e));
+    // Released explicitly, not by the close: a child that another thread is spawning shares
+    // the open file description until it execs, and the locks would live on with it.
+    lock::release_all(file.as_raw_fd(), st);
+    r
 }
