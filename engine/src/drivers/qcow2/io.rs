@@ -35,11 +35,12 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::task::Poll;
 
-use graph::{BlockStatus, Node, WriteFlags, ZeroFlags};
+use graph::{BlockStatus, LocalBoxFuture, Node, WriteFlags, ZeroFlags};
 use iothreads::{BufResult, IoBuf};
 
 use super::header::MAX_L1_BYTES;
 use super::layout::{classify, decompress, Cluster, COPIED, ZERO};
+use super::meta::WriteTarget;
 use super::Qcow2Driver;
 
 /// The claim key that serialises truncates: no guest cluster (below 2^53) and no L1 index
@@ -256,6 +257,75 @@ impl Qcow2Driver {
         r?;
         let skip = (offset - start) as usize;
         decompress(self.compression, &raw[skip..skip + size as usize], out)
+    }
+
+    /// The common read as a small future of its own: inside one cluster that is allocated
+    /// in this image, with its L2 table cached. Err(buf) sends the request down the general
+    /// path ([`Self::do_read`]), whose future is several times larger to build and move.
+    pub(crate) fn fast_read<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        buf: IoBuf,
+    ) -> Result<LocalBoxFuture<'a, BufResult<()>>, IoBuf> {
+        let cs = self.meta.cs;
+        let len = buf.len() as u64;
+        if len == 0 || offset / cs != (offset + len - 1) / cs {
+            return Err(buf);
+        }
+        let Some(file) = node.file() else {
+            return Err(buf);
+        };
+        // Entered before the mapping is read, as on the general path.
+        let ticket = self.meta.enter();
+        let host = match self
+            .meta
+            .try_l2_entry(offset / cs)
+            .map(|e| self.classify(e))
+        {
+            Some(Cluster::Normal { host, .. }) => host,
+            _ => return Err(buf),
+        };
+        Ok(Box::pin(async move {
+            let _t = ticket;
+            file.read(host + offset % cs, buf).await
+        }))
+    }
+
+    /// The common write as a small future (see [`Self::fast_read`]): inside one cluster
+    /// that is writable in place, with its L2 table cached, and no FUA.
+    pub(crate) fn fast_write<'a>(
+        &'a self,
+        node: &'a Node,
+        offset: u64,
+        buf: IoBuf,
+        flags: WriteFlags,
+    ) -> Result<LocalBoxFuture<'a, BufResult<()>>, IoBuf> {
+        let cs = self.meta.cs;
+        let len = buf.len() as u64;
+        if self.extended_l2 || flags.fua || len == 0 || offset / cs != (offset + len - 1) / cs {
+            return Err(buf);
+        }
+        let Some(file) = node.file() else {
+            return Err(buf);
+        };
+        let ticket = self.meta.enter();
+        let in_place = |e| match self.classify(e) {
+            Cluster::Normal { host, copied: true } => Some(host),
+            _ => None,
+        };
+        let host = match self.meta.cached_write_target(offset / cs, in_place) {
+            Ok(Ok(WriteTarget::InPlace(host))) => host,
+            _ => return Err(buf),
+        };
+        Ok(Box::pin(async move {
+            let _t = ticket;
+            let r = file
+                .write(host + offset % cs, buf, WriteFlags::default())
+                .await;
+            self.meta.data_written();
+            r
+        }))
     }
 
     pub(crate) async fn do_read(&self, node: &Node, offset: u64, buf: IoBuf) -> BufResult<()> {
@@ -487,11 +557,6 @@ impl Qcow2Driver {
         if let Err(e) = r {
             return (Err(e), buf);
         }
-        if self.meta.needs_writeback() {
-            if let Err(e) = self.meta.writeback(&file).await {
-                return (Err(e), buf);
-            }
-        }
         if flags.fua {
             if let Err(e) = self.do_flush(node).await {
                 return (Err(e), buf);
@@ -540,9 +605,9 @@ impl Qcow2Driver {
                 old[k] = self.classify(again[k]);
             }
         }
-        let r = self.write_claimed(file, backing, offset, buf, &old).await;
+        let (r, buf) = self.write_claimed(file, backing, offset, buf, &old).await;
         drop(claims);
-        r
+        (self.writeback_if_full(file, r).await, buf)
     }
 
     /// The body of [`Self::write_multi`], under the claims: `old` is what each cluster of the
@@ -805,22 +870,33 @@ impl Qcow2Driver {
         in_off: u64,
         buf: IoBuf,
     ) -> BufResult<()> {
-        let entry = match self.meta.l2_entry(file, gc).await {
-            Ok(e) => e,
-            Err(e) => return (Err(e), buf),
+        let in_place = |e| match self.classify(e) {
+            Cluster::Normal { host, copied: true } => Some(host),
+            _ => None,
         };
-        if let Cluster::Normal { host, copied: true } = self.classify(entry) {
-            if let Err(e) = self.meta.check_data_cluster(host) {
-                return (Err(e), buf);
+        match self.meta.write_target(file, gc, in_place).await {
+            Ok(WriteTarget::InPlace(host)) => {
+                let r = file.write(host + in_off, buf, WriteFlags::default()).await;
+                self.meta.data_written();
+                return r;
             }
-            let r = file.write(host + in_off, buf, WriteFlags::default()).await;
-            self.meta.data_written();
-            return r;
+            Ok(WriteTarget::Allocate) => {}
+            Err(e) => return (Err(e), buf),
         }
         self.meta.claim(gc).await;
-        let r = self.allocating_write(file, backing, gc, in_off, buf).await;
+        let (r, buf) = self.allocating_write(file, backing, gc, in_off, buf).await;
         self.meta.release(gc);
-        r
+        (self.writeback_if_full(file, r).await, buf)
+    }
+
+    /// After a write that may have dirtied metadata (an in-place overwrite does not): writes
+    /// the cache back when too much of it is dirty.
+    async fn writeback_if_full(&self, file: &Node, r: io::Result<()>) -> io::Result<()> {
+        r?;
+        if self.meta.needs_writeback() {
+            self.meta.writeback(file).await?;
+        }
+        Ok(())
     }
 
     /// Writes into guest cluster `gc` by giving it a new host cluster: the old content (from

@@ -26,8 +26,9 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::future::poll_fn;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::io;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::task::{Poll, Waker};
 
 use graph::counter::PerThreadCounter;
@@ -75,7 +76,7 @@ pub(crate) struct State {
     /// Old refcount tables to free once the header pointing at the new one is durable.
     rt_retired: Vec<(u64, u64)>,
     header_dirty: bool,
-    tables: HashMap<u64, Table>,
+    tables: HashMap<u64, Table, BuildHasherDefault<OffsetHasher>>,
     loading: BTreeSet<u64>,
     tick: u64,
     gen: u64,
@@ -92,9 +93,41 @@ pub(crate) struct State {
     /// Guest clusters being allocated.
     claims: BTreeSet<u64>,
     waiters: Vec<(WaitKey, Waker)>,
-    data_dirty: bool,
     flushing: bool,
     pub(crate) dirty_tables: usize,
+}
+
+/// Hashes the cached tables' keys, which are cluster-aligned file offsets chosen by the
+/// image, not by an adversary: one multiply instead of SipHash on the lookup every request
+/// makes.
+#[derive(Default)]
+pub(crate) struct OffsetHasher(u64);
+
+impl Hasher for OffsetHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ u64::from(b)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+
+    fn write_u64(&mut self, n: u64) {
+        // The low bits of an offset are zero; the multiply spreads the high ones down, and
+        // the fold brings the product's well-mixed top half to where hashbrown looks.
+        let x = (self.0 ^ n).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        self.0 = x ^ (x >> 32);
+    }
+}
+
+/// Where a write into one guest cluster goes (see [`Meta::write_target`]).
+pub(crate) enum WriteTarget {
+    /// Over the host cluster at this offset, as it is.
+    InPlace(u64),
+    /// A new cluster must be allocated (under the guest cluster's claim).
+    Allocate,
 }
 
 /// The metadata of one image.
@@ -107,6 +140,8 @@ pub(crate) struct Meta {
     pub(crate) l2_entry_size: u64,
     capacity: usize,
     pub(crate) state: Mutex<State>,
+    /// Data written since the last flush began (read and cleared by a writeback).
+    data_dirty: AtomicBool,
     /// Requests in flight, by epoch parity (see the module doc).
     epoch: AtomicU64,
     active: [PerThreadCounter; 2],
@@ -188,7 +223,7 @@ impl Meta {
                 rt_clusters: h.refcount_table_clusters,
                 rt_retired: Vec::new(),
                 header_dirty: false,
-                tables: HashMap::new(),
+                tables: HashMap::default(),
                 loading: BTreeSet::new(),
                 tick: 0,
                 gen: 0,
@@ -199,10 +234,10 @@ impl Meta {
                 unmapped: Vec::new(),
                 claims: BTreeSet::new(),
                 waiters: Vec::new(),
-                data_dirty: false,
                 flushing: false,
                 dirty_tables: 0,
             }),
+            data_dirty: AtomicBool::new(false),
             epoch: AtomicU64::new(0),
             active: [PerThreadCounter::new(), PerThreadCounter::new()],
             header: Mutex::new(h.clone()),
@@ -338,7 +373,9 @@ impl Meta {
 
     /// Records that guest data was written since the last writeback.
     pub(crate) fn data_written(&self) {
-        self.state.lock().data_dirty = true;
+        // After the write completed: a flush that takes the flag before this store covers
+        // only writes that completed before it began, which this one had not.
+        self.data_dirty.store(true, Ordering::Release);
     }
 
     // ---- L1/L2 lookups ----
@@ -352,31 +389,73 @@ impl Meta {
     /// Reads the L2 entry (and extended bitmap) of guest cluster `gc`, loading its table.
     pub(crate) async fn l2_entry(&self, file: &Node, gc: u64) -> io::Result<(u64, Option<u64>)> {
         loop {
-            let need = {
-                let mut st = self.state.lock();
-                let off = self.l2_table_of(&st, gc);
-                if off == 0 {
-                    return Ok((0, None));
-                }
-                st.tick += 1;
-                let tick = st.tick;
-                match st.tables.get_mut(&off) {
-                    Some(t) => {
-                        t.used = tick;
-                        let i = (gc % self.l2_entries) as usize;
-                        if self.l2_entry_size == 16 {
-                            return Ok((
-                                layout::be_entry(&t.data, i * 2),
-                                Some(layout::be_entry(&t.data, i * 2 + 1)),
-                            ));
-                        }
-                        return Ok((layout::be_entry(&t.data, i), None));
-                    }
-                    None => off,
-                }
+            let need = match self.cached_l2_entry(&mut self.state.lock(), gc) {
+                Ok(e) => return Ok(e),
+                Err(off) => off,
             };
             self.load(file, need, Kind::L2).await?;
         }
+    }
+
+    /// The L2 entry of guest cluster `gc` if its table is cached (or there is none: an
+    /// unallocated entry); else Err(the table's offset) to load.
+    fn cached_l2_entry(&self, st: &mut State, gc: u64) -> Result<(u64, Option<u64>), u64> {
+        let off = self.l2_table_of(st, gc);
+        if off == 0 {
+            return Ok((0, None));
+        }
+        st.tick += 1;
+        let tick = st.tick;
+        let Some(t) = st.tables.get_mut(&off) else {
+            return Err(off);
+        };
+        t.used = tick;
+        let i = (gc % self.l2_entries) as usize;
+        if self.l2_entry_size == 16 {
+            return Ok((
+                layout::be_entry(&t.data, i * 2),
+                Some(layout::be_entry(&t.data, i * 2 + 1)),
+            ));
+        }
+        Ok((layout::be_entry(&t.data, i), None))
+    }
+
+    /// For a write into guest cluster `gc`, under one lock: its L2 entry, and, when
+    /// `in_place` finds it names a host cluster the write may overwrite as it is, that
+    /// cluster, checked not to be metadata (see [`Self::check_data_cluster`]).
+    pub(crate) async fn write_target(
+        &self,
+        file: &Node,
+        gc: u64,
+        in_place: impl Fn((u64, Option<u64>)) -> Option<u64>,
+    ) -> io::Result<WriteTarget> {
+        loop {
+            match self.cached_write_target(gc, &in_place) {
+                Ok(t) => return t,
+                Err(need) => self.load(file, need, Kind::L2).await?,
+            }
+        }
+    }
+
+    /// [`Self::write_target`] if the L2 table is cached; else Err(the table's offset).
+    pub(crate) fn cached_write_target(
+        &self,
+        gc: u64,
+        in_place: impl Fn((u64, Option<u64>)) -> Option<u64>,
+    ) -> Result<io::Result<WriteTarget>, u64> {
+        let mut st = self.state.lock();
+        let e = self.cached_l2_entry(&mut st, gc)?;
+        Ok(match in_place(e) {
+            Some(host) => self
+                .data_cluster_ok(&st, host)
+                .map(|_| WriteTarget::InPlace(host)),
+            None => Ok(WriteTarget::Allocate),
+        })
+    }
+
+    /// The L2 entry of guest cluster `gc` if its table is cached (or there is none).
+    pub(crate) fn try_l2_entry(&self, gc: u64) -> Option<(u64, Option<u64>)> {
+        self.cached_l2_entry(&mut self.state.lock(), gc).ok()
     }
 
     /// Reads the L2 entries (and extended bitmaps) of guest clusters `gc..gc + n`, loading
@@ -798,7 +877,7 @@ impl Meta {
             let header = std::mem::take(&mut st.header_dirty);
             let retired = std::mem::take(&mut st.rt_retired);
             let unmapped = std::mem::take(&mut st.unmapped);
-            let data = std::mem::take(&mut st.data_dirty);
+            let data = self.data_dirty.swap(false, Ordering::AcqRel);
             Snapshot {
                 blocks,
                 l2s,
@@ -825,7 +904,9 @@ impl Meta {
             st.header_dirty |= snap.header;
             st.rt_retired.extend(snap.retired.iter().copied());
             st.unmapped.extend(snap.unmapped.iter().copied());
-            st.data_dirty |= snap.data;
+            if snap.data {
+                self.data_dirty.store(true, Ordering::Release);
+            }
             return Err(e);
         }
         for (off, _, gen) in snap.blocks.iter().chain(snap.l2s.iter()) {
@@ -1113,7 +1194,10 @@ impl Meta {
 
     /// Checks that a data cluster does not overlap the image's own fixed metadata.
     pub(crate) fn check_data_cluster(&self, host: u64) -> io::Result<()> {
-        let st = self.state.lock();
+        self.data_cluster_ok(&self.state.lock(), host)
+    }
+
+    fn data_cluster_ok(&self, st: &State, host: u64) -> io::Result<()> {
         let l1_end = st.l1_offset + st.l1_clusters * self.cs;
         let rt_end = st.rt_offset + u64::from(st.rt_clusters) * self.cs;
         let bad = host < self.cs

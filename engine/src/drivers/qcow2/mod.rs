@@ -338,7 +338,10 @@ impl Driver for Qcow2Driver {
         offset: u64,
         buf: IoBuf,
     ) -> LocalBoxFuture<'a, BufResult<()>> {
-        Box::pin(self.do_read(node, offset, buf))
+        match self.fast_read(node, offset, buf) {
+            Ok(fut) => fut,
+            Err(buf) => Box::pin(self.do_read(node, offset, buf)),
+        }
     }
 
     fn write<'a>(
@@ -348,7 +351,10 @@ impl Driver for Qcow2Driver {
         buf: IoBuf,
         flags: WriteFlags,
     ) -> LocalBoxFuture<'a, BufResult<()>> {
-        Box::pin(self.do_write(node, offset, buf, flags))
+        match self.fast_write(node, offset, buf, flags) {
+            Ok(fut) => fut,
+            Err(buf) => Box::pin(self.do_write(node, offset, buf, flags)),
+        }
     }
 
     fn write_zeroes<'a>(
