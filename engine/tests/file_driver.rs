@@ -185,6 +185,55 @@ fn writes_past_the_end_grow_the_file_exactly() {
     }
 }
 
+/// Preallocation grows the file with its blocks allocated, keeps every byte written before
+/// (also bytes written past the old end just before it), reads zeroes in the new range, and
+/// a cut brings the file back; on tmpfs and ext4.
+#[test]
+fn preallocate_grows_allocated_keeps_data_and_cuts_back() {
+    use std::os::unix::fs::MetadataExt;
+    for dir in ["/var/tmp", "/dev/shm"] {
+        let f = Scratch::new_in(dir, "prealloc").with_pattern(10000);
+        let t = IoThread::new().unwrap();
+        let node = file::open(&uniq("p"), &FileOptions::new(&f.0)).unwrap();
+        let n2 = node.clone();
+        t.block_on(move || async move {
+            // Past the end, before the growth reaches it: kept.
+            let (r, _) = n2
+                .write(20000, IoBuf::from_slice(&[9; 4096]), Default::default())
+                .await;
+            r.unwrap();
+            n2.preallocate(4 << 20).await.unwrap();
+        })
+        .unwrap();
+        assert_eq!(node.len(), 4 << 20, "{dir}");
+        let meta = std::fs::metadata(&f.0).unwrap();
+        assert_eq!(meta.len(), 4 << 20, "{dir}");
+        assert!(
+            meta.blocks() * 512 >= (4 << 20) - 32768,
+            "{dir}: the new range is allocated ({} blocks)",
+            meta.blocks()
+        );
+        let data = std::fs::read(&f.0).unwrap();
+        assert!(
+            data[..10000]
+                .iter()
+                .enumerate()
+                .all(|(i, &x)| x == (i % 251) as u8),
+            "{dir}: the old content stays"
+        );
+        assert!(data[10000..20000].iter().all(|&x| x == 0), "{dir}");
+        assert!(data[20000..24096].iter().all(|&x| x == 9), "{dir}");
+        assert!(data[24096..].iter().all(|&x| x == 0), "{dir}");
+        // Cut back.
+        let n2 = node.clone();
+        t.block_on(move || async move { n2.preallocate(24096).await })
+            .unwrap()
+            .unwrap();
+        assert_eq!(node.len(), 24096);
+        assert_eq!(std::fs::metadata(&f.0).unwrap().len(), 24096, "{dir}");
+    }
+}
+
 #[test]
 fn write_zeroes_and_discard() {
     let f = Scratch::new("zero").with_pattern(1 << 20);

@@ -484,3 +484,63 @@ fn an_image_with_internal_snapshots_opens_read_only_only() {
     assert!(!out.contains("fail"), "{out}");
     check_clean(img.path());
 }
+
+/// A growing image is preallocated ahead of its allocations while open (so data writes land
+/// inside the file), and the tail is cut at close: the file then ends where QEMU's check says
+/// the image ends, and the image is clean with the data in place.
+#[test]
+fn growth_is_preallocated_while_open_and_cut_at_close() {
+    if qemu_tool("qemu-img").is_none() {
+        return;
+    }
+    let img = Scratch::new_in("/var/tmp", "grow");
+    create_at(
+        &img.0,
+        CreateOptions {
+            size: 64 << 20,
+            ..Default::default()
+        },
+    );
+    let p = img.0.clone();
+    let path = img.0.clone();
+    let (while_open, data) = run(async move {
+        let node = image::open(&p, &ImageOptions::default()).await.unwrap();
+        let data: Vec<u8> = (0..(8usize << 20)).map(|i| (i * 7 % 253) as u8).collect();
+        for off in (0..data.len()).step_by(256 << 10) {
+            let (r, _) = node
+                .write(
+                    off as u64,
+                    IoBuf::from_slice(&data[off..off + (256 << 10)]),
+                    WriteFlags::default(),
+                )
+                .await;
+            r.unwrap();
+        }
+        node.flush().await.unwrap();
+        let while_open = std::fs::metadata(&path).unwrap().len();
+        node.close_if_last().await.unwrap();
+        (while_open, data)
+    });
+    let out = Command::new("qemu-img")
+        .args(["check", "--output=json", img.path()])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let end = v["image-end-offset"].as_u64().unwrap();
+    assert!(
+        while_open > end,
+        "while open the file reaches past the image's end ({while_open} <= {end})"
+    );
+    assert_eq!(
+        std::fs::metadata(&img.0).unwrap().len(),
+        end,
+        "after close the file ends where the image does"
+    );
+    check_clean(img.path());
+    assert_eq!(&qemu_content(img.path())[..data.len()], &data[..]);
+}

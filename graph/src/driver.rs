@@ -109,6 +109,19 @@ pub trait Driver: Any + Send + Sync + 'static {
         })
     }
 
+    /// Sets how far the node's storage reaches ahead of use (QEMU's `preallocation=falloc`
+    /// growth, as a hint for speed): with `len` above the current length, grows the node to
+    /// `len` with the new range allocated and reading as zeroes, leaving every byte already
+    /// written as it is (writes racing with it keep their data); with `len` below it, cuts
+    /// the tail that the caller preallocated and knows holds nothing it needs. A format driver
+    /// grows its file this way ahead of its allocations, so its data writes land inside the
+    /// file rather than extend it (an extending write is one the kernel cannot issue without
+    /// blocking, so io_uring hands it to a worker, one at a time per file). The default does
+    /// nothing.
+    fn preallocate<'a>(&'a self, _node: &'a Node, _len: u64) -> LocalBoxFuture<'a, io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// The status of the range starting at `offset` (at most `len` bytes): what it is, and
     /// for how many bytes from `offset` that holds (at least 1 when `len` > 0). Drivers
     /// without allocation information report data for the whole range.

@@ -595,6 +595,14 @@ impl Node {
         self.driver().truncate(self, len).await
     }
 
+    /// Preallocates the node's storage up to `len`, or cuts a preallocated tail back to it
+    /// (see [`Driver::preallocate`]); refused on a read-only node as writes are.
+    pub async fn preallocate(&self, len: u64) -> io::Result<()> {
+        self.check_writable()?;
+        let _g = self.enter()?;
+        self.driver().preallocate(self, len).await
+    }
+
     /// The status of the range at `offset`: what it is and for how many bytes (see
     /// [`Driver::block_status`]). Past the end of the node it is unallocated.
     pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {

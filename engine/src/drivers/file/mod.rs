@@ -660,6 +660,36 @@ impl FileDriver {
         Ok(())
     }
 
+    /// See [`Driver::preallocate`]: growth is `fallocate` mode 0 from the current length
+    /// (allocates what is not, keeps what is, so writes racing with it are safe); a cut is
+    /// `ftruncate` with the write gate closed. Device files have nothing to do.
+    async fn do_preallocate(&self, len: u64) -> io::Result<()> {
+        if self.is_blockdev {
+            return Ok(());
+        }
+        let cur = self.len.load(Ordering::Acquire);
+        if len > cur {
+            self.fallocate(0, cur, len - cur).await?;
+            self.grow_to(len);
+            return Ok(());
+        }
+        if len < cur {
+            let Ok(new_len) = i64::try_from(len) else {
+                return Err(io::Error::from_raw_os_error(libc::EFBIG));
+            };
+            let _excl = match &self.gate {
+                Some(g) => Some(g.close().await),
+                None => None,
+            };
+            // SAFETY: ftruncate takes only integers.
+            if unsafe { libc::ftruncate(self.raw_fd(), new_len) } < 0 {
+                return Err(io::Error::last_os_error());
+            }
+            self.len.store(len, Ordering::Release);
+        }
+        Ok(())
+    }
+
     async fn do_discard(&self, offset: u64, len: u64) -> io::Result<()> {
         if self.discard == Discard::Ignore {
             return Ok(());
@@ -761,6 +791,10 @@ impl Driver for FileDriver {
 
     fn truncate<'a>(&'a self, _: &'a Node, len: u64) -> LocalBoxFuture<'a, io::Result<()>> {
         Box::pin(self.do_truncate(len))
+    }
+
+    fn preallocate<'a>(&'a self, _: &'a Node, len: u64) -> LocalBoxFuture<'a, io::Result<()>> {
+        Box::pin(self.do_preallocate(len))
     }
 
     fn flush<'a>(&'a self, _: &'a Node) -> LocalBoxFuture<'a, io::Result<()>> {

@@ -93,6 +93,10 @@ pub(crate) struct State {
     /// Guest clusters being allocated.
     claims: BTreeSet<u64>,
     waiters: Vec<(WaitKey, Waker)>,
+    /// How far the file reaches (preallocated ahead of `end`; see `Meta::grow_ahead`).
+    grown: u64,
+    /// Preallocation failed once: not tried again.
+    prealloc_off: bool,
     flushing: bool,
     pub(crate) dirty_tables: usize,
 }
@@ -228,6 +232,8 @@ impl Meta {
                 tick: 0,
                 gen: 0,
                 end: file_len.next_multiple_of(cs),
+                grown: file_len,
+                prealloc_off: false,
                 free: Vec::new(),
                 free_sorted: true,
                 grace: Vec::new(),
@@ -611,7 +617,9 @@ impl Meta {
     /// Allocates `n` contiguous clusters (refcount 1 each) and returns the first's offset.
     /// Single clusters reuse freed ones; runs come from the end of the file.
     pub(crate) async fn alloc(&self, file: &Node, n: u64) -> io::Result<u64> {
-        self.alloc_inner(file, n, true).await.map(|(host, _)| host)
+        let r = self.alloc_inner(file, n, true).await.map(|(host, _)| host);
+        self.grow_ahead(file).await;
+        r
     }
 
     /// Allocates a run of between 1 and `n` contiguous clusters (refcount 1 each) and returns
@@ -620,7 +628,50 @@ impl Meta {
     /// it until it has as many clusters as it needs, so it writes its data with as few
     /// requests as the free space allows.
     pub(crate) async fn alloc_run(&self, file: &Node, n: u64) -> io::Result<(u64, u64)> {
-        self.alloc_inner(file, n, false).await
+        let r = self.alloc_inner(file, n, false).await;
+        self.grow_ahead(file).await;
+        r
+    }
+
+    /// Keeps the file preallocated ahead of the allocation frontier (`end`), a quarter of
+    /// the image's size at a time (1 to 64 MiB), so that new clusters' data writes land
+    /// inside the file instead of extending it: an extending write is one the kernel cannot
+    /// start without blocking, so io_uring hands each to a worker, one at a time per file (a
+    /// stream into a growing image had one write at the device). Concurrent allocations do
+    /// not wait for it: a write that gets there first extends the file as before, and the
+    /// growth (`fallocate`, which keeps written bytes) is safe beside it. What is left past
+    /// `end` at close is cut ([`Self::trim_ahead`]); after a crash it stays, unused (space,
+    /// not corruption: no refcount or mapping points there).
+    async fn grow_ahead(&self, file: &Node) {
+        let target = {
+            let mut st = self.state.lock();
+            if st.prealloc_off || st.end <= st.grown {
+                return;
+            }
+            let step = (st.end / 4)
+                .clamp(1 << 20, 64 << 20)
+                .next_multiple_of(self.cs);
+            st.grown = st.end + step;
+            st.grown
+        };
+        if file.preallocate(target).await.is_err() {
+            // No fallocate here (or no space for the step): writes extend the file as before.
+            self.state.lock().prealloc_off = true;
+        }
+    }
+
+    /// Cuts the preallocated tail past the allocation frontier (at close, after the last
+    /// writeback: nothing is allocated there).
+    pub(crate) async fn trim_ahead(&self, file: &Node) -> io::Result<()> {
+        let end = {
+            let mut st = self.state.lock();
+            if st.grown <= st.end {
+                return Ok(());
+            }
+            st.grown = st.end;
+            st.end
+        };
+        file.preallocate(end).await
     }
 
     async fn alloc_inner(&self, file: &Node, n: u64, exact: bool) -> io::Result<(u64, u64)> {

@@ -455,6 +455,7 @@ impl Driver for Qcow2Driver {
             match self.close_file.get() {
                 Some(file) if !self.is_read_only() => {
                     self.meta.writeback(file).await?;
+                    self.meta.trim_ahead(file).await?;
                     file.flush().await
                 }
                 _ => Ok(()),
