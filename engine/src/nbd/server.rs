@@ -39,6 +39,15 @@ pub const MAX_IN_FLIGHT: u64 = 64;
 const RECV_BUF: usize = 256 << 10;
 /// Replies sent in one `writev` at most.
 const WRITE_BATCH: usize = 64;
+/// The headers of replies without data are gathered into one send buffer of this size.
+const SEND_BUF: usize = 256 << 10;
+/// Read buffers for up to this many bytes of data are pooled for reuse.
+const POOL_DATA: usize = 16 << 10;
+/// Read buffers kept per connection for reuse (a read takes one of its exact size).
+const POOL_MAX: usize = 64;
+/// Room before a read's data for its reply header, so header and data go out as one piece
+/// with no copy. A whole page, so the data stays aligned for O_DIRECT.
+const HEADROOM: usize = 4096;
 
 /// Where the server listens.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -610,9 +619,32 @@ struct Conn {
     broken: Cell<bool>,
     writer: Cell<Option<Waker>>,
     reader: Cell<Option<Waker>>,
+    /// Read buffers whose replies have been copied out, for the next reads.
+    pool: RefCell<Vec<IoBuf>>,
 }
 
 impl Conn {
+    /// A buffer of `len` bytes for a read: a pooled one of that size, or a new one. Its
+    /// content is whatever the read leaves there (a read fills it or fails).
+    /// The buffer has [`HEADROOM`] bytes before its window for the reply header.
+    fn read_buf(&self, len: usize) -> IoBuf {
+        let mut pool = self.pool.borrow_mut();
+        let mut b = match pool.iter().rposition(|b| b.capacity() == HEADROOM + len) {
+            Some(i) => pool.swap_remove(i),
+            None => IoBuf::new(HEADROOM + len),
+        };
+        b.set_window(HEADROOM..HEADROOM + len);
+        b
+    }
+
+    /// Takes back a read buffer once its reply is sent.
+    fn recycle(&self, b: IoBuf) {
+        let mut pool = self.pool.borrow_mut();
+        if pool.len() < POOL_MAX && b.capacity() <= HEADROOM + POOL_DATA {
+            pool.push(b);
+        }
+    }
+
     fn push(&self, r: Reply) {
         self.replies.borrow_mut().push_back(r);
         if let Some(w) = self.writer.take() {
@@ -727,37 +759,76 @@ async fn read_loop(sess: &Session, fd: RawFd, conn: &Rc<Conn>) -> io::Result<()>
     }
 }
 
-/// Sends replies as they come, batching whatever is ready into one `writev`.
+/// Sends replies as they come: whatever is ready (up to [`WRITE_BATCH`] pieces) goes out in
+/// one `writev`: the headers of replies without data gathered in one send buffer, and each
+/// read's data with its header written in front of it (no copy).
 async fn write_loop(fd: RawFd, conn: Rc<Conn>) {
+    // The send buffer, back from each send for the next.
+    let mut spare: Option<IoBuf> = None;
     loop {
-        let batch: Vec<Reply> = std::future::poll_fn(|cx| {
-            let mut q = conn.replies.borrow_mut();
-            if !q.is_empty() {
-                let n = q.len().min(WRITE_BATCH);
-                return Poll::Ready(Some(q.drain(..n).collect()));
+        let ready = std::future::poll_fn(|cx| {
+            if !conn.replies.borrow().is_empty() {
+                return Poll::Ready(true);
             }
             if conn.reader_done.get() && conn.in_flight.get() == 0 {
-                return Poll::Ready(None);
+                return Poll::Ready(false);
             }
             conn.writer.set(Some(cx.waker().clone()));
             Poll::Pending
         })
-        .await
-        .unwrap_or_default();
-        if batch.is_empty() {
+        .await;
+        if !ready {
             return;
+        }
+        let mut fill = 0usize;
+        let mut data = Vec::new();
+        let mut out = {
+            let q = conn.replies.borrow();
+            let first = q.front().expect("a reply is ready");
+            // A header larger than the buffer (a long block-status list) gets one of its own.
+            match spare.take() {
+                Some(b) if first.head.len() <= b.capacity() => b.unslice(),
+                _ => IoBuf::new(first.head.len().max(SEND_BUF)),
+            }
+        };
+        {
+            let cap = out.capacity();
+            let mut q = conn.replies.borrow_mut();
+            while let Some(r) = q.front() {
+                if data.len() + usize::from(fill > 0) == WRITE_BATCH
+                    || (fill > 0 && fill + r.head.len() > cap)
+                {
+                    break;
+                }
+                let r = q.pop_front().expect("looked at");
+                // Replies may go in any order (the client matches cookies): headers alone
+                // are gathered in the send buffer, read data (its header in front of it)
+                // goes as pieces of its own.
+                out[fill..fill + r.head.len()].copy_from_slice(&r.head);
+                fill += r.head.len();
+                data.extend(r.data);
+            }
         }
         if conn.broken.get() {
             continue;
         }
-        let mut bufs: Vec<IoBuf> = Vec::with_capacity(batch.len() * 2);
-        for r in batch {
-            bufs.push(IoBuf::from_slice(&r.head));
-            if let Some(d) = r.data {
-                bufs.push(d);
+        out.set_window(0..fill);
+        let mut bufs = Vec::with_capacity(1 + data.len());
+        if fill > 0 {
+            bufs.push(out);
+        } else {
+            spare = Some(out);
+        }
+        bufs.extend(data);
+        let (ok, sent) = send_all(fd, bufs).await;
+        for b in sent {
+            if b.capacity() >= SEND_BUF {
+                spare = Some(b);
+            } else {
+                conn.recycle(b);
             }
         }
-        if !send_all(fd, bufs).await {
+        if !ok {
             conn.broken.set(true);
             // SAFETY: shutdown only changes the socket's state; the fd stays open.
             unsafe { libc::shutdown(fd, libc::SHUT_RDWR) };
@@ -765,22 +836,25 @@ async fn write_loop(fd: RawFd, conn: Rc<Conn>) {
     }
 }
 
-/// Writes every buffer to the socket, resuming after short writes.
-async fn send_all(fd: RawFd, mut bufs: Vec<IoBuf>) -> bool {
+/// Writes every buffer to the socket, resuming after short writes. Returns whether all
+/// went out, and the buffers that did (in order), for reuse.
+async fn send_all(fd: RawFd, mut bufs: Vec<IoBuf>) -> (bool, Vec<IoBuf>) {
+    let mut sent = Vec::with_capacity(bufs.len());
     while !bufs.is_empty() {
         let (r, back) = iothreads::op::writev_at(Fd::Raw(fd), 0, bufs).await;
         bufs = back;
         let mut n = match r {
-            Ok(0) => return false,
+            Ok(0) => return (false, sent),
             Ok(n) => n,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) => 0,
-            Err(_) => return false,
+            Err(_) => return (false, sent),
         };
         // Drop what went out; trim a partly written buffer.
         let mut keep = Vec::with_capacity(bufs.len());
         for mut b in bufs {
             if n >= b.len() {
                 n -= b.len();
+                sent.push(b);
                 continue;
             }
             if n > 0 {
@@ -792,7 +866,7 @@ async fn send_all(fd: RawFd, mut bufs: Vec<IoBuf>) -> bool {
         }
         bufs = keep;
     }
-    true
+    (true, sent)
 }
 
 /// Starts one request as a task of its own; its reply goes to the writer.
@@ -833,9 +907,9 @@ fn start_request(sess: &Session, conn: &Rc<Conn>, req: Request, payload: Option<
                 return reply_now(error(EINVAL, "read past the end of the export"));
             }
             let b = export.backend.clone();
-            let len = req.length as usize;
+            let buf = conn.read_buf(req.length as usize);
             run(conn, structured, cookie, async move {
-                let (r, buf) = b.read(req.offset, IoBuf::new(len)).await;
+                let (r, buf) = b.read(req.offset, buf).await;
                 r.map(|_| Some((req.offset, buf)))
             });
         }
@@ -918,24 +992,23 @@ where
         let reply = match fut.await {
             Ok(None) => done_reply(structured, cookie),
             Ok(Some((offset, buf))) => {
-                if structured {
-                    let mut head = chunk_header(
+                let mut head = [0u8; 28];
+                let n = if structured {
+                    head[..20].copy_from_slice(&chunk_header(
                         cookie,
                         REPLY_FLAG_DONE,
                         REPLY_TYPE_OFFSET_DATA,
                         8 + buf.len() as u32,
-                    )
-                    .to_vec();
-                    head.extend_from_slice(&offset.to_be_bytes());
-                    Reply {
-                        head,
-                        data: Some(buf),
-                    }
+                    ));
+                    head[20..28].copy_from_slice(&offset.to_be_bytes());
+                    28
                 } else {
-                    Reply {
-                        head: simple_reply(cookie, 0).to_vec(),
-                        data: Some(buf),
-                    }
+                    head[..16].copy_from_slice(&simple_reply(cookie, 0));
+                    16
+                };
+                Reply {
+                    head: Vec::new(),
+                    data: Some(prepend(buf, &head[..n])),
                 }
             }
             Err(e) => {
@@ -953,6 +1026,20 @@ where
         c.push(reply);
         c.finish_one();
     }));
+}
+
+/// Writes `head` into the room just before `buf`'s window (a read buffer from
+/// [`Conn::read_buf`]) and widens the window over it.
+fn prepend(mut buf: IoBuf, head: &[u8]) -> IoBuf {
+    let w = buf.window();
+    debug_assert!(
+        w.start >= head.len(),
+        "a read buffer has room for its header"
+    );
+    let start = w.start - head.len();
+    buf.set_window(start..w.end);
+    buf[..head.len()].copy_from_slice(head);
+    buf
 }
 
 fn done_reply(structured: bool, cookie: u64) -> Reply {
