@@ -181,16 +181,19 @@ pub async fn open_one(
         Some(f) => f,
         None => image::probe(&file).await?,
     };
-    match format {
-        Format::Raw => raw::open(None, &file, RawOptions::default(), true),
+    let node = match format {
+        Format::Raw => raw::open(None, &file, RawOptions::default(), true)?,
         Format::Qcow2 => {
             let q = Qcow2Options {
                 read_only: true,
                 ..Qcow2Options::default()
             };
-            qcow2::open(None, &file, &q).await
+            qcow2::open(None, &file, &q).await?
         }
-    }
+    };
+    // The file is a part of the image, as engine::image::open records it.
+    file.set_inherits_from(&node);
+    Ok(node)
 }
 
 /// Bytes the file at `path` occupies on disk (`st_blocks * 512`), as qemu's `actual-size`.

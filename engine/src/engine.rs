@@ -27,12 +27,23 @@ use crate::job::stream::StreamArgs;
 use crate::job::{Job, JobManager};
 
 /// A child given by node-name or as a spec of its own (QMP's "reference or inline").
+///
+/// As in QEMU, a child given inline is a part of its parent ([`Node::inherits_from`]): a
+/// reopen of the parent read-only or read-write (a snapshot, a job that writes the image)
+/// takes it along. A child referenced by name is a node on its own and keeps its mode.
 #[derive(Debug, Clone)]
 pub enum ChildSpec {
     /// An existing node.
     Name(String),
     /// A new node, created with its parent.
     Spec(Box<NodeSpec>),
+}
+
+impl ChildSpec {
+    /// Whether the child is opened with its parent (inline), not referenced by name.
+    pub fn is_inline(&self) -> bool {
+        matches!(self, ChildSpec::Spec(_))
+    }
 }
 
 /// Where a format node's backing node comes from.
@@ -135,9 +146,23 @@ fn not_found(name: &str) -> Error {
     )
 }
 
-/// Looks a node up by name (engine-owned or any live node).
+/// Looks a node up by name (engine-owned or any live node), as QEMU looks up a name that
+/// may be a device or a node (`bdrv_lookup_bs(name, name)`: a job's `device`, a node a
+/// blockdev's option references): the error names both.
 pub fn lookup(name: &str) -> Result<Arc<Node>> {
     graph::find_node(name).ok_or_else(|| not_found(name))
+}
+
+/// Looks a node up by node name only, as QEMU does for the job arguments that name nodes
+/// (`bdrv_lookup_bs(NULL, name)`: `base-node`, `top-node`, `bottom`): the error names no
+/// device, "Cannot find device='' nor node-name='x'".
+pub fn lookup_node(name: &str) -> Result<Arc<Node>> {
+    graph::find_node(name).ok_or_else(|| {
+        Error::new(
+            ErrorKind::NotFound,
+            format!("Cannot find device='' nor node-name='{name}'"),
+        )
+    })
 }
 
 /// Runs an I/O-doing open on the controller's IoThread.
@@ -194,6 +219,7 @@ fn open_spec<'a>(
                     spec.read_only,
                 )?;
                 ctx.transaction(|tx| tx.attach_child(&node, &child, Role::Filtered).map(drop))?;
+                inherit(image, &child, &node);
                 Ok(node)
             }
             DriverSpec::CopyOnRead { file, bottom } => {
@@ -215,18 +241,22 @@ fn open_spec<'a>(
                     bottom,
                     ..Default::default()
                 };
-                crate::drivers::cor::open(name.as_deref(), &child, opts)
+                let node = crate::drivers::cor::open(name.as_deref(), &child, opts)?;
+                inherit(file, &child, &node);
+                Ok(node)
             }
-            DriverSpec::Raw { file, opts } => {
-                let file = child_node(ctx, file).await?;
-                raw::open(name.as_deref(), &file, opts.clone(), spec.read_only)
+            DriverSpec::Raw { file: f, opts } => {
+                let file = child_node(ctx, f).await?;
+                let node = raw::open(name.as_deref(), &file, opts.clone(), spec.read_only)?;
+                inherit(f, &file, &node);
+                Ok(node)
             }
             DriverSpec::Qcow2 {
-                file,
+                file: f,
                 backing,
                 opts,
             } => {
-                let file = child_node(ctx, file).await?;
+                let file = child_node(ctx, f).await?;
                 let o = Qcow2Options {
                     read_only: spec.read_only || opts.read_only,
                     ..opts.clone()
@@ -236,13 +266,21 @@ fn open_spec<'a>(
                     qcow2::open(name.as_deref(), &f2, &o).await
                 })
                 .await?;
+                inherit(f, &file, &node);
+                // A backing node opened for this node (inline, or the one its header names)
+                // is a part of it as in QEMU, though a reopen leaves backing nodes as they are.
                 let below = match backing {
                     BackingSpec::None => None,
-                    BackingSpec::Node(c) => Some(child_node(ctx, c).await?),
-                    BackingSpec::Default => default_backing(ctx, &node, &file).await?,
+                    BackingSpec::Node(c) => Some((child_node(ctx, c).await?, c.is_inline())),
+                    BackingSpec::Default => {
+                        default_backing(ctx, &node, &file).await?.map(|b| (b, true))
+                    }
                 };
-                if let Some(b) = below {
+                if let Some((b, inline)) = below {
                     ctx.transaction(|tx| tx.set_backing(&node, Some(&b)))?;
+                    if inline {
+                        b.set_inherits_from(&node);
+                    }
                 }
                 Ok(node)
             }
@@ -293,6 +331,14 @@ async fn child_node(ctx: &ChangeCtx, c: &ChildSpec) -> Result<Arc<Node>> {
     match c {
         ChildSpec::Name(n) => lookup(n),
         ChildSpec::Spec(s) => open_spec(ctx, s).await,
+    }
+}
+
+/// Records `child`, opened for `parent` from `spec`, as a part of `parent` if the spec gave it
+/// inline (QEMU's `inherits_from`; a node referenced by name stays on its own).
+fn inherit(spec: &ChildSpec, child: &Node, parent: &Arc<Node>) {
+    if spec.is_inline() {
+        child.set_inherits_from(parent);
     }
 }
 
@@ -674,9 +720,13 @@ impl Engine {
     }
 }
 
-/// Reopens `node` and the files under it (its `file` children, and a filter's filtered
-/// child, recursively: a qcow2 over blkdebug over a file reopens all three) in `tx`: files
-/// first when gaining write access, last when giving it up.
+/// Reopens `node` and the files under it that are a part of it (its `file` children, and a
+/// filter's filtered child, that were opened with it, recursively: a qcow2 over blkdebug
+/// over a file, all given inline, reopens all three) in `tx`: files first when gaining write
+/// access, last when giving it up. As QEMU's reopen queue (`bdrv_reopen_queue_child`) takes
+/// only the children that inherit from the node, a child opened on its own and referenced by
+/// name ([`Node::inherits_from`] is not `node`) keeps its mode: a file node added with
+/// blockdev-add stays read-write under a qcow2 node that a snapshot made read-only.
 pub fn reopen_image(tx: &mut Transaction<'_>, node: &Arc<Node>, read_only: bool) -> Result<()> {
     let is_filter = node.is_filter();
     let files: Vec<Arc<Node>> = node
@@ -684,6 +734,7 @@ pub fn reopen_image(tx: &mut Transaction<'_>, node: &Arc<Node>, read_only: bool)
         .iter()
         .filter(|e| e.role() == Role::File || (is_filter && e.role() == Role::Filtered))
         .map(|e| e.child())
+        .filter(|c| c.inherits_from().is_some_and(|p| Arc::ptr_eq(&p, node)))
         .collect();
     if !read_only {
         for f in &files {

@@ -160,6 +160,8 @@ fn open_at<'a>(
                 qcow2::open(None, &file, &q).await?
             }
         };
+        // The file is a part of the image (a reopen of the image takes it along).
+        file.set_inherits_from(&node);
         if format == Format::Qcow2 && opts.backing {
             let h = node
                 .driver_as::<qcow2::Qcow2Driver>()
@@ -193,6 +195,7 @@ fn open_at<'a>(
                 let mut tx = graph::Transaction::new(&m);
                 tx.set_backing(&node, Some(&backing))?;
                 tx.commit()?;
+                backing.set_inherits_from(&node);
             }
         }
         Ok(node)

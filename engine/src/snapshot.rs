@@ -5,7 +5,9 @@
 //! The checks and their texts are QEMU's (`external_snapshot_action`): the node must not be
 //! owned by a job; the overlay must be a format node that supports backing files, with no
 //! backing node yet and no parent that reads it. The old node is flushed before and reopened
-//! read-only after (a failure to reopen is only logged, as in QEMU). As with
+//! read-only after, with the files that are a part of it but not a file node of its own that
+//! it references by name ([`crate::engine::reopen_image`]; a failure to reopen is only
+//! logged, as in QEMU). As with
 //! `blockdev-snapshot`, the overlay's header is not rewritten: it should already name the old
 //! image as its backing file (as `qemu-img create -b` or [`crate::Engine::snapshot_file`]
 //! write it), or the chain is whole only while the engine holds it.

@@ -1228,3 +1228,85 @@ fn commit_intermediate_write_error_ignore() {
     assert!(same_content(imgs.mid.path(), imgs.base.path()));
     assert_overlay_points_at_base(&imgs);
 }
+
+/// blockdev-create of a qcow2 image: as in QEMU (`qcow2_co_create`), the command only
+/// creates the job; the node it names, the options and the node's mode are checked by the
+/// job, in that order, and a failure concludes the job with the error in its info (progress
+/// 1 of 1), after the states created, running, aborting, concluded, and null once dismissed.
+#[test]
+fn create_job_checks_its_target_in_the_job() {
+    use engine::drivers::qcow2::create::CreateOptions;
+    use engine::job::create::{CreateArgs, CreateTarget};
+
+    let e = engine();
+    let rx = e.jobs().subscribe();
+    let img = Scratch::new("create-target").with_pattern(0);
+    let add_file = |name: &str, read_only: bool| {
+        e.add_node(NodeSpec {
+            node_name: Some(name.to_string()),
+            read_only,
+            driver: DriverSpec::File(FileOptions::new(img.path())),
+        })
+        .unwrap();
+    };
+    let (ro, rw, missing) = (uniq("create-ro"), uniq("create-rw"), uniq("create-nope"));
+    add_file(&ro, true);
+    add_file(&rw, false);
+    let create = |file: &str, cluster_size: u64| {
+        let id = uniq("create");
+        let job = e
+            .create_image(CreateArgs {
+                job_id: id.clone(),
+                target: CreateTarget::Qcow2 {
+                    file: file.to_string(),
+                    opts: CreateOptions {
+                        size: MIB,
+                        cluster_size,
+                        ..Default::default()
+                    },
+                },
+            })
+            .expect("the command only creates the job");
+        let info = job.wait();
+        assert_eq!(info.status, JobStatus::Concluded);
+        assert_eq!(info.kind, JobType::Create);
+        assert_eq!((info.current_progress, info.total_progress), (1, 1));
+        job.dismiss().unwrap();
+        let mut seen = Vec::new();
+        loop {
+            let k = next_event(&rx);
+            let done = matches!(&k, JobEventKind::StatusChange { id: i, status: JobStatus::Null } if *i == id);
+            seen.push(k);
+            if done {
+                break;
+            }
+        }
+        assert_eq!(
+            statuses(&seen, &id),
+            [
+                JobStatus::Created,
+                JobStatus::Running,
+                JobStatus::Aborting,
+                JobStatus::Concluded,
+                JobStatus::Null
+            ]
+        );
+        info.error.expect("the job failed")
+    };
+    // The node is looked up first (even with invalid options), as a device or a node.
+    assert_eq!(
+        create(&missing, 1000),
+        format!("Cannot find device='{missing}' nor node-name='{missing}'")
+    );
+    assert_eq!(
+        create(&rw, 1000),
+        "Cluster size must be a power of two between 512 and 2048k"
+    );
+    assert_eq!(create(&ro, 65536), "Block node is read-only");
+    assert!(e.jobs().list().is_empty());
+    assert_eq!(
+        std::fs::metadata(img.path()).unwrap().len(),
+        0,
+        "nothing was written"
+    );
+}

@@ -237,14 +237,36 @@ fn overlapping_2() {
             a.job_id = Some(id.into());
         })
     };
-    assert_busy(s(3, None, "stream-node3"));
-    assert_busy(s(6, Some(2), "stream-node6"));
-    assert_busy(s(4, Some(2), "stream-node4"));
-    assert_busy(s(6, Some(4), "stream-node6-v2"));
-    // The commit filter sits between node6 (top's overlay) and node5.
-    assert_busy(s(7, Some(5), "stream-node6-v3"));
+    // As QEMU's op blockers: the first node from the device down that the commit owns is
+    // named. The commit owns node5 down to node3, but not its filter (between node6, top's
+    // overlay, and node5).
+    let busy = |r: engine::Result<Arc<Job>>, node: usize| {
+        let e = r.expect_err("the job should be refused");
+        assert_eq!(e.kind(), ErrorKind::Busy, "{}", e.full_message());
+        assert_eq!(
+            e.full_message(),
+            format!(
+                "Node '{}' is busy: block device is in use by block job: commit",
+                c.node(node)
+            )
+        );
+    };
+    busy(s(3, None, "stream-node3"), 3);
+    busy(s(6, Some(2), "stream-node6"), 5);
+    busy(s(4, Some(2), "stream-node4"), 4);
+    busy(s(6, Some(4), "stream-node6-v2"), 5);
+    // node7 down to node6 are free, but the stream would freeze node6's link into the filter.
+    let filter = c.e.node(c.node(6)).unwrap().backing().unwrap();
+    assert_eq!(filter.driver_name(), "commit");
+    let err = s(7, Some(5), "stream-node6-v3").unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Frozen);
+    assert_eq!(
+        err.full_message(),
+        format!("Cannot freeze 'backing' link to '{}'", filter.name())
+    );
+    drop(filter);
     // The commit owns the active layer even though it does not write it.
-    assert_busy(s(8, Some(5), "stream-drive0"));
+    busy(s(8, Some(5), "stream-drive0"), NUM_IMGS - 1);
     commit.set_speed(0).unwrap();
     ok(&commit);
     let e = &c.e;
@@ -298,7 +320,8 @@ fn overlapping_4_stream_base_is_the_commit_top_refused() {
             a.speed = 1024 * 1024;
         })
         .unwrap();
-    // The stream's chain would include the commit's filter (between node3 and node2).
+    // The stream's chain ends at the commit's filter (between node3 and node2): the commit
+    // does not own it, but no job may freeze a link into it (QEMU's never_freeze).
     let err = c
         .stream(|a| {
             a.device = c.node(4).into();
@@ -306,10 +329,15 @@ fn overlapping_4_stream_base_is_the_commit_top_refused() {
             a.job_id = Some("node4".into());
         })
         .unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::Frozen);
     assert_eq!(
         err.full_message(),
-        format!("Node '{filter}' is busy: block device is in use by block job: commit")
+        format!("Cannot freeze 'backing' link to '{filter}'")
     );
+    // Nothing changed: node4 is still read-only, no job; its links are not left frozen (the
+    // commit below changes node3's link into the filter when it completes).
+    assert!(c.e.node(c.node(4)).unwrap().is_read_only());
+    assert!(c.e.jobs().list().iter().all(|j| j.id() != "node4"));
     commit.set_speed(0).unwrap();
     ok(&commit);
     assert_eq!(
@@ -430,10 +458,10 @@ fn stream_base_node_name() {
             a.job_id = Some("stream".into());
         })
     };
-    // The base node does not exist.
+    // The base node does not exist (looked up as a node only).
     assert_eq!(
         s(None, Some("none")).unwrap_err().full_message(),
-        "Cannot find device='none' nor node-name='none'"
+        "Cannot find device='' nor node-name='none'"
     );
     // The base node is not a backing file of the top node.
     assert_eq!(
@@ -445,7 +473,10 @@ fn stream_base_node_name() {
         )
     );
     // The base node is the top node.
-    assert!(s(None, Some(c.node(4))).is_err());
+    assert_eq!(
+        s(None, Some(c.node(4))).unwrap_err().full_message(),
+        format!("Node '{0}' is not a backing image of '{0}'", c.node(4))
+    );
     // 'base' and 'base-node' at once.
     assert_eq!(
         s(Some(2), Some(c.node(2))).unwrap_err().full_message(),

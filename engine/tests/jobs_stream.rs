@@ -176,17 +176,31 @@ fn stream_argument_errors_have_qemus_texts() {
         err(&|a| a.base = Some("/nonexistent.qcow2".into())),
         "Can't find '/nonexistent.qcow2' in the backing chain"
     );
+    // base-node and bottom name nodes only (QEMU's bdrv_lookup_bs(NULL, name)).
     assert_eq!(
         err(&|a| a.base_node = Some("none".into())),
-        "Cannot find device='none' nor node-name='none'"
+        "Cannot find device='' nor node-name='none'"
+    );
+    assert_eq!(
+        err(&|a| a.bottom = Some("none".into())),
+        "Cannot find device='' nor node-name='none'"
     );
     assert_eq!(
         err(&|a| a.backing_file = Some("x.qcow2".into())),
         "backing file specified, but streaming the entire chain"
     );
+    // With a bottom there is no base node either: QEMU refuses a backing file name alike.
+    assert_eq!(
+        err(&|a| {
+            a.bottom = Some(n[1].clone());
+            a.backing_file = Some("x.qcow2".into());
+        }),
+        "backing file specified, but streaming the entire chain"
+    );
+    // The device is no base of its own.
     assert_eq!(
         err(&|a| a.base_node = Some(n[2].clone())),
-        format!("'{0}' is not in the backing chain of '{0}'", n[2])
+        format!("Node '{0}' is not a backing image of '{0}'", n[2])
     );
     assert_eq!(
         err(&|a| a.job_id = Some("1bad".into())),

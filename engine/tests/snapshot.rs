@@ -295,3 +295,83 @@ fn snapshot_of_a_node_a_job_owns_is_refused() {
     e.snapshot(&n[2], &ovn).unwrap();
     assert_eq!(e.node(&ovn).unwrap().backing().unwrap().name(), n[2]);
 }
+
+/// A snapshot reopens the old node read-only with the files that are a part of it (given
+/// inline), not with a file node added on its own and referenced by name: as QEMU's reopen
+/// queue takes only the children that inherit from the node, that one stays read-write.
+/// Streaming into such a node later reopens it read-write again, its file unchanged.
+#[test]
+fn snapshot_reopens_only_the_files_that_are_part_of_the_node() {
+    if !have_qemu() {
+        return;
+    }
+    let imgs = make_chain("/var/tmp", "sf", 2, 2 * MIB);
+    let e = engine(1);
+    // inline: a qcow2 node over an inline file; named: over a file node of its own.
+    let inline = uniq("sf-inline");
+    add_qcow2(&e, &inline, imgs[0].path(), BackingSpec::None).unwrap();
+    let file = uniq("sf-file");
+    e.add_node(NodeSpec {
+        node_name: Some(file.clone()),
+        read_only: false,
+        driver: DriverSpec::File(FileOptions::new(imgs[1].path())),
+    })
+    .unwrap();
+    let named = uniq("sf-named");
+    e.add_node(NodeSpec {
+        node_name: Some(named.clone()),
+        read_only: false,
+        driver: DriverSpec::Qcow2 {
+            file: ChildSpec::Name(file.clone()),
+            backing: BackingSpec::None,
+            opts: Default::default(),
+        },
+    })
+    .unwrap();
+    let ro = |name: &str| {
+        let n = e.node(name).unwrap();
+        (n.is_read_only(), n.file().unwrap().is_read_only())
+    };
+    assert_eq!(ro(&inline), (false, false));
+    assert_eq!(ro(&named), (false, false));
+    let inline_file = e.node(&inline).unwrap().file().unwrap();
+    assert_eq!(
+        inline_file.inherits_from().map(|p| p.name().to_string()),
+        Some(inline.clone())
+    );
+    assert!(e.node(&file).unwrap().inherits_from().is_none());
+
+    let mut overlays = Vec::new();
+    for (node, tag) in [(&inline, "sf-ov-inline"), (&named, "sf-ov-named")] {
+        let ov = Scratch::new_in("/var/tmp", tag);
+        run_tool(&["qemu-img", "create", "-q", "-f", "qcow2", ov.path(), "2M"]);
+        let ovn = uniq(tag);
+        add_qcow2(&e, &ovn, ov.path(), BackingSpec::None).unwrap();
+        e.snapshot(node, &ovn).unwrap();
+        overlays.push((ov, ovn));
+    }
+    assert_eq!(
+        ro(&inline),
+        (true, true),
+        "the inline file goes read-only too"
+    );
+    assert_eq!(
+        ro(&named),
+        (true, false),
+        "the file node of its own stays read-write"
+    );
+
+    // A reopen of the old node read-write and back (as a job that writes it does) leaves its
+    // file node alone too; a stream into the overlay then runs as usual.
+    e.reopen(&named, false).unwrap();
+    assert_eq!(ro(&named), (false, false));
+    e.reopen(&named, true).unwrap();
+    assert_eq!(ro(&named), (true, false));
+    let mut a = StreamArgs::new(&overlays[1].1);
+    a.job_id = Some(uniq("sf-stream"));
+    assert_eq!(e.stream(a).unwrap().wait().error, None);
+    drop(e);
+    for (ov, _) in &overlays {
+        assert_check_clean(ov.path());
+    }
+}

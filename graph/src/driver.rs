@@ -154,6 +154,14 @@ pub trait Driver: Any + Send + Sync + 'static {
         false
     }
 
+    /// Whether links to the node may never be frozen (QEMU's `never_freeze`): a job's own
+    /// filter (commit, active commit) sets it, so that the job can always drop it; another
+    /// job whose chain would freeze an edge into it is refused
+    /// ([`crate::Transaction::freeze_chain`]).
+    fn never_freeze(&self) -> bool {
+        false
+    }
+
     /// Prepares a switch between read-only and read-write (e.g. reopening a file with the other
     /// access mode). Nothing is visible until `reopen_commit`; `reopen_abort` undoes it.
     fn reopen_prepare(&self, _read_only: bool) -> Result<()> {

@@ -48,6 +48,9 @@ pub struct Node {
     stats: Box<[CachePadded<ThreadStats>]>,
     /// Where the driver goes when the node drops (see [`set_thread_closer`]).
     home_closer: Option<HomeCloser>,
+    /// The parent this node was opened as a part of (QEMU's `inherits_from`): see
+    /// [`Node::inherits_from`].
+    inherits_from: Mutex<Weak<Node>>,
 }
 
 /// Per-node request counters (QEMU's query-blockstats), summed over IoThreads.
@@ -269,6 +272,7 @@ impl Node {
                 .map(|_| CachePadded::default())
                 .collect(),
             home_closer: HOME_CLOSER.with(|c| c.borrow().clone()),
+            inherits_from: Mutex::new(Weak::new()),
         });
         reg.nodes.insert(name, Arc::downgrade(&node));
         Ok(node)
@@ -350,6 +354,25 @@ impl Node {
     /// Whether the driver is a filter (one `filtered` child, same data).
     pub fn is_filter(&self) -> bool {
         self.driver().is_filter()
+    }
+
+    /// Whether links to this node may never be frozen (QEMU's `never_freeze`: a job's own
+    /// filter, which must always be possible to drop): see [`Driver::never_freeze`].
+    pub fn never_freeze(&self) -> bool {
+        self.driver().never_freeze()
+    }
+
+    /// The parent this node was opened as a part of (QEMU's `inherits_from`), if that parent
+    /// still exists: a child given inline in its parent's options (a qcow2 node's `file`
+    /// spec), not a node opened on its own and referenced by name. A reopen of the parent
+    /// (read-only or read-write) takes such a child with it, and only such a child.
+    pub fn inherits_from(&self) -> Option<Arc<Node>> {
+        self.inherits_from.lock().upgrade()
+    }
+
+    /// Records that this node was opened as a part of `parent` (see [`Node::inherits_from`]).
+    pub fn set_inherits_from(&self, parent: &Arc<Node>) {
+        *self.inherits_from.lock() = Arc::downgrade(parent);
     }
 
     /// Requests in flight through this node, summed over IoThreads.

@@ -316,12 +316,33 @@ impl<'m> Transaction<'m> {
         self.detach(&edge)
     }
 
-    /// Freezes an edge for a job; refused if another job froze it already.
+    /// Freezes an edge for a job; refused if another job froze it already, or if it leads to
+    /// a node whose links may never be frozen ([`Node::never_freeze`]).
     pub fn freeze(&mut self, edge: &Arc<Edge>) -> Result<()> {
-        if edge.is_frozen() {
-            return Err(frozen_error(edge));
+        self.freeze_chain(std::slice::from_ref(edge))
+    }
+
+    /// Freezes the edges of a chain for a job, all or none, with the checks of QEMU's
+    /// `bdrv_freeze_backing_chain` in its order: first whether any edge is frozen already
+    /// ("Cannot change 'backing' link from 'a' to 'b'"), then whether any leads to a node
+    /// whose links may never be frozen, a job's own filter ("Cannot freeze 'backing' link to
+    /// 'f'").
+    pub fn freeze_chain(&mut self, edges: &[Arc<Edge>]) -> Result<()> {
+        if let Some(e) = edges.iter().find(|e| e.is_frozen()) {
+            return Err(frozen_error(e));
         }
-        self.set_frozen(edge, true);
+        for e in edges {
+            let child = e.child();
+            if child.never_freeze() {
+                return Err(Error::new(
+                    ErrorKind::Frozen,
+                    format!("Cannot freeze '{}' link to '{}'", e.name(), child.name()),
+                ));
+            }
+        }
+        for e in edges {
+            self.set_frozen(e, true);
+        }
         Ok(())
     }
 

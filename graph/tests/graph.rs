@@ -87,6 +87,25 @@ impl Driver for Filter {
     plain_io!();
 }
 
+/// A job's own filter (QEMU's commit_top): links into it may never be frozen.
+struct JobFilter;
+
+impl Driver for JobFilter {
+    fn driver_name(&self) -> &'static str {
+        "job-filter"
+    }
+    fn length(&self, _: &Node) -> u64 {
+        0
+    }
+    fn is_filter(&self) -> bool {
+        true
+    }
+    fn never_freeze(&self) -> bool {
+        true
+    }
+    plain_io!();
+}
+
 impl Driver for Format {
     fn driver_name(&self) -> &'static str {
         "format"
@@ -263,6 +282,63 @@ fn a_permission_conflict_names_both_users_and_changes_nothing() {
         "{msg}"
     );
     assert_eq!(shape(&[&n]), before);
+}
+
+#[test]
+fn freezing_a_chain_checks_as_qemu_and_is_all_or_nothing() {
+    // over -> job filter -> top -> base: the links are checked for an earlier freeze first,
+    // then for a node whose links may never be frozen; a refusal freezes nothing.
+    let c = chain();
+    let jf = Node::new(Some(&uniq("jf")), Box::new(JobFilter), false).unwrap();
+    let over = format("over");
+    let m = mutation();
+    let mut tx = Transaction::new(&m);
+    tx.attach_child(&jf, &c.top, Role::Filtered).unwrap();
+    tx.set_backing(&over, Some(&jf)).unwrap();
+    tx.commit().unwrap();
+    let into_jf = over.child_edge(Role::Backing).unwrap();
+    let into_top = jf.child_edge(Role::Filtered).unwrap();
+    let into_base = c.top.child_edge(Role::Backing).unwrap();
+    let edges = [
+        Arc::clone(&into_jf),
+        Arc::clone(&into_top),
+        Arc::clone(&into_base),
+    ];
+    let frozen = || edges.iter().map(|e| e.is_frozen()).collect::<Vec<_>>();
+
+    let mut tx = Transaction::new(&m);
+    let e = tx.freeze_chain(&edges).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Frozen);
+    assert_eq!(
+        e.to_string(),
+        format!("Cannot freeze 'backing' link to '{}'", jf.name())
+    );
+    drop(tx);
+    assert_eq!(frozen(), [false, false, false]);
+
+    // Below the job filter anything may be frozen, once.
+    let mut tx = Transaction::new(&m);
+    tx.freeze_chain(&edges[1..]).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(frozen(), [false, true, true]);
+    let mut tx = Transaction::new(&m);
+    let e = tx.freeze_chain(&edges).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "Cannot change 'file' link from '{}' to '{}'",
+            jf.name(),
+            c.top.name()
+        ),
+        "an earlier freeze is found before the link into the job filter"
+    );
+    let e = tx.freeze(&into_jf).unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        format!("Cannot freeze 'backing' link to '{}'", jf.name())
+    );
+    drop(tx);
+    assert_eq!(frozen(), [false, true, true]);
 }
 
 #[test]

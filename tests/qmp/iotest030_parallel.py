@@ -271,32 +271,8 @@ async def stream_base_node_name(d, ctx):
 
 DELIBERATE = {}
 
-# Differences that are bugs, reported, not yet fixed (in the engine's job code).
-COMMIT_OWNS_FILTER = (
-    "engine/src/job/commit.rs owns the commit's filter node (the `nodes` list of its "
-    "setup), so check_free refuses a job through it naming the filter (an implicit "
-    "'#blockNNN', or the filter-node-name); QEMU's commit job does not block its commit_top "
-    "filter, so it names the first intermediate node (node5), or fails to freeze the "
-    "filter's backing link (overlapping_4)")
-KNOWN = {
-    "overlapping_2": {
-        "stream node6 from node2": COMMIT_OWNS_FILTER,
-        "stream node6 from node4": COMMIT_OWNS_FILTER,
-    },
-    "overlapping_4": {
-        "stream node4 onto node2": COMMIT_OWNS_FILTER,
-    },
-    "stream_base_node_name": {
-        "base node missing": (
-            "engine/src/job/stream.rs looks base-node (and bottom) up with "
-            "engine::lookup, whose text names the device too: \"Cannot find device='none' "
-            "nor node-name='none'\"; QEMU's bdrv_lookup_bs(NULL, name) says device=''"),
-        "base node is top": (
-            "engine/src/job/stream.rs does not refuse base-node == device up front (QEMU: "
-            "`bs == base_bs || !bdrv_chain_contains(..)` gives \"Node 'node4' is not a "
-            "backing image of 'node4'\"); it fails later with another text"),
-    },
-}
+# Differences that are bugs, reported, not yet fixed: {case: {step label: why}}.
+KNOWN = {}
 KNOWN_STEPS = {label for steps in KNOWN.values() for label in steps}
 
 

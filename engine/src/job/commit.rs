@@ -13,9 +13,15 @@
 //! An intermediate commit puts a `commit` filter above `top` (it takes nothing of `top` and
 //! shares everything, so the job may write `base` while the overlay still reads through the
 //! chain), freezes the edges from the filter down to `base`, and reopens `base` read-write.
-//! It owns the device, the filter, `top` down to and including `base`; it checks that the
-//! overlay of `top` is free but does not own it, so a stream into the overlay's upper chain
-//! may use the filter as its base (iotest 030's overlapping_4 and _5).
+//! It owns the device and `top` down to and including `base` (QEMU's op blockers: its
+//! `block_job_create` on the device, `block_job_add_bdrv` on the rest); it checks that the
+//! overlay of `top` is free but does not own it, and it does not own its filter either, as
+//! QEMU's commit does not block its `commit_top` node. So a stream into the overlay's upper
+//! chain may use the filter as its base (iotest 030's overlapping_5); a stream whose range
+//! crosses the filter is refused at the first image the commit owns ("Node 'node5' is busy",
+//! overlapping_2), or, if it ends right below the filter, because no job may freeze a link
+//! into the filter ([`graph::Driver::never_freeze`]: "Cannot freeze 'backing' link to
+//! 'commit-filter'", overlapping_4).
 //!
 //! Completion runs as one graph change: `base` is flushed; every parent of the filter (the
 //! overlay, and whatever else was pointed at the filter meanwhile, such as a finished stream's
@@ -49,7 +55,7 @@ use super::{
 use crate::controller::ChangeCtx;
 use crate::drivers::cor;
 use crate::drivers::qcow2::Qcow2Driver;
-use crate::engine::{on_io, reopen_drained};
+use crate::engine::{lookup_node, on_io, reopen_drained};
 
 /// How much one iteration copies (QEMU's COMMIT_BUFFER_SIZE).
 pub const COMMIT_BUFFER: u64 = 512 * 1024;
@@ -349,17 +355,6 @@ pub(crate) struct Resolved {
     pub base: Arc<Node>,
 }
 
-/// Looks up `top-node` / `base-node` as QEMU does (`bdrv_lookup_bs(NULL, name)`): the error
-/// names no device.
-fn lookup_node(name: &str) -> Result<Arc<Node>> {
-    graph::find_node(name).ok_or_else(|| {
-        Error::new(
-            ErrorKind::NotFound,
-            format!("Cannot find device='' nor node-name='{name}'"),
-        )
-    })
-}
-
 fn resolve(mgr: &JobManager, args: &CommitArgs) -> Result<Resolved> {
     let bs = graph::find_node(&args.device).ok_or_else(|| {
         Error::new(
@@ -475,14 +470,13 @@ async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: CommitArgs) -> Result<Jo
     let writer = res?;
     let frozen = frozen.into_inner();
 
-    // Owned: the device and the filter (nothing taken), the nodes cut out (shared: writes,
-    // since base below them changes; no consistent reads for others, except on the filters
-    // between the image above base and base, which show base's data: QEMU's commit_start
-    // shares consistent reads from its `filtered_base` on), and base, which the job writes.
-    let mut nodes = vec![
-        (Arc::clone(&r.device), Perm::NONE, Perm::ALL),
-        (Arc::clone(&filter), Perm::NONE, Perm::ALL),
-    ];
+    // Owned: the device (nothing taken), the nodes cut out (shared: writes, since base below
+    // them changes; no consistent reads for others, except on the filters between the image
+    // above base and base, which show base's data: QEMU's commit_start shares consistent
+    // reads from its `filtered_base` on), and base, which the job writes. Not the filter:
+    // QEMU does not block its commit_top node, so a job refused through it names the first
+    // image below it, or fails to freeze the link into it.
+    let mut nodes = vec![(Arc::clone(&r.device), Perm::NONE, Perm::ALL)];
     let filtered_base = base_overlay.filter_or_cow_child();
     let mut shared = Perm::WRITE | Perm::WRITE_UNCHANGED;
     for n in chain_until(Some(Arc::clone(&top)), Some(&base)) {
@@ -599,14 +593,15 @@ pub(crate) fn insert_filter_and_freeze(
 ) -> Result<()> {
     tx.attach_child(filter, top, Role::Filtered)?;
     tx.insert_filter(filter, top)?;
+    let mut edges = Vec::new();
     let mut cur = Arc::clone(filter);
     while !Arc::ptr_eq(&cur, base) {
         let e = filter_or_cow_edge(&cur).expect("base is below top");
-        tx.freeze(&e)?;
-        let next = e.child();
-        frozen.push(e);
-        cur = next;
+        cur = e.child();
+        edges.push(e);
     }
+    tx.freeze_chain(&edges)?;
+    frozen.extend(edges);
     Ok(())
 }
 
@@ -915,6 +910,11 @@ impl Driver for CommitTopDriver {
     }
 
     fn is_filter(&self) -> bool {
+        true
+    }
+
+    /// QEMU's `commit_top_bs->never_freeze`: the job must always be able to drop it.
+    fn never_freeze(&self) -> bool {
         true
     }
 

@@ -45,7 +45,9 @@ pub struct CreateArgs {
 
 struct CreateJob {
     target: CreateTarget,
-    file: Option<Arc<Node>>,
+    /// The node a qcow2 target formats, or why the job fails (QEMU opens it, and checks the
+    /// options, in the job: the command itself succeeds).
+    file: Option<Result<Arc<Node>>>,
 }
 
 impl JobDriver for CreateJob {
@@ -56,22 +58,42 @@ impl JobDriver for CreateJob {
     fn run<'a>(&'a mut self, cx: &'a JobCx) -> Pin<Box<dyn Future<Output = Result<()>> + 'a>> {
         Box::pin(async move {
             cx.set_total(1);
-            match &self.target {
+            let r = match &self.target {
                 CreateTarget::File { filename, size } => {
-                    crate::drivers::file::create_file(filename, *size)?;
+                    crate::drivers::file::create_file(filename, *size)
                 }
-                CreateTarget::Qcow2 { opts, .. } => {
-                    let file = self.file.as_ref().expect("set up with the node");
-                    crate::drivers::qcow2::create::create(file, opts).await?;
-                }
-            }
+                CreateTarget::Qcow2 { opts, .. } => match self.file.take() {
+                    Some(Ok(file)) => crate::drivers::qcow2::create::create(&file, opts).await,
+                    Some(Err(e)) => Err(e),
+                    None => unreachable!("a qcow2 target is set up with its node"),
+                },
+            };
+            // Done, failed or not (QEMU's blockdev_create_run counts the step either way).
             cx.progress(1);
-            Ok(())
+            r
         })
     }
 }
 
-/// Starts a create job.
+/// The node a qcow2 target formats, checked in QEMU's order (`qcow2_co_create`): it must
+/// exist ("Cannot find device='x' nor node-name='x'"), the options must be valid, and it must
+/// be writable (and no job may own it).
+fn qcow2_target(mgr: &JobManager, file: &str, opts: &CreateOptions) -> Result<Arc<Node>> {
+    let node = lookup(file)?;
+    opts.validate()?;
+    if node.is_read_only() {
+        return Err(Error::new(
+            ErrorKind::InvalidArgument,
+            "Block node is read-only",
+        ));
+    }
+    mgr.check_free(&node)?;
+    Ok(node)
+}
+
+/// Starts a create job. As in QEMU, the command only creates the job: what the target names
+/// is checked by the job, which fails (concluded, with the error in its info) if the node to
+/// format does not exist, the options are invalid or the node is read-only.
 pub(crate) fn start(
     mgr: &JobManager,
     io: iothreads::IoThreadHandle,
@@ -95,25 +117,22 @@ pub(crate) fn start(
                 nodes: Vec::new(),
             }),
             CreateTarget::Qcow2 { file, opts } => {
-                opts.validate()?;
-                let node = lookup(file)?;
-                mgr.check_free(&node)?;
-                if node.is_read_only() {
-                    return Err(Error::new(
-                        ErrorKind::InvalidArgument,
-                        format!("Node '{file}' is read-only"),
-                    ));
-                }
-                Ok(JobSetup {
-                    driver: Box::new(CreateJob {
-                        target: args.target.clone(),
-                        file: Some(Arc::clone(&node)),
-                    }),
-                    nodes: vec![(
-                        node,
+                let target = qcow2_target(&mgr, file, opts);
+                // The job holds the node it formats, so no other user may write it meanwhile.
+                let nodes = match &target {
+                    Ok(node) => vec![(
+                        Arc::clone(node),
                         Perm::CONSISTENT_READ | Perm::WRITE | Perm::RESIZE,
                         Perm::ALL,
                     )],
+                    Err(_) => Vec::new(),
+                };
+                Ok(JobSetup {
+                    driver: Box::new(CreateJob {
+                        target: args.target.clone(),
+                        file: Some(target),
+                    }),
+                    nodes,
                 })
             }
         }

@@ -505,6 +505,11 @@ impl Driver for MirrorTopDriver {
         true
     }
 
+    /// QEMU's `mirror_top_bs->never_freeze`: the job must always be able to drop it.
+    fn never_freeze(&self) -> bool {
+        true
+    }
+
     fn child_perms(&self, _role: Role, perm: Perm, shared: Perm, _ro: bool) -> (Perm, Perm) {
         // No consistent reads (everything above base is unshared for them) and writes shared,
         // or the job could not write base below (QEMU's bdrv_mirror_top_child_perm).

@@ -43,7 +43,7 @@ use super::{
 use crate::controller::ChangeCtx;
 use crate::drivers::cor::{CorDriver, CorMode, CorOptions};
 use crate::drivers::qcow2::Qcow2Driver;
-use crate::engine::{lookup, on_io, reopen_drained};
+use crate::engine::{lookup, lookup_node, on_io, reopen_drained};
 
 /// How much one iteration looks at and copies (QEMU's STREAM_CHUNK).
 pub const STREAM_CHUNK: u64 = 512 * 1024;
@@ -132,7 +132,8 @@ pub(crate) fn start(
     })
 }
 
-/// Validation and graph setup, inside the creating change.
+/// Validation and graph setup, inside the creating change. The checks, their order and
+/// their texts are QEMU's (`qmp_block_stream`, then `stream_start`).
 async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: StreamArgs) -> Result<JobSetup> {
     let bs = lookup(&args.device)?;
     let mut base: Option<Arc<Node>> = None;
@@ -143,8 +144,9 @@ async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: StreamArgs) -> Result<Jo
         );
     }
     if let Some(name) = &args.base_node {
-        let b = lookup(name)?;
-        if !chain_contains(&bs, &b) {
+        let b = lookup_node(name)?;
+        // The device itself is no base either (QEMU: `bs == base_bs || !bdrv_chain_contains`).
+        if Arc::ptr_eq(&bs, &b) || !chain_contains(&bs, &b) {
             return Err(invalid(format!(
                 "Node '{name}' is not a backing image of '{}'",
                 args.device
@@ -154,7 +156,7 @@ async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: StreamArgs) -> Result<Jo
     }
     let mut bottom: Option<Arc<Node>> = None;
     if let Some(name) = &args.bottom {
-        let b = lookup(name)?;
+        let b = lookup_node(name)?;
         if b.is_filter() {
             return Err(invalid(format!(
                 "Node '{name}' is a filter, use a non-filter node as 'bottom'"
@@ -168,18 +170,21 @@ async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: StreamArgs) -> Result<Jo
         }
         bottom = Some(b);
     }
-    if base.is_none() && bottom.is_none() && args.backing_file.is_some() {
-        return Err(invalid(
-            "backing file specified, but streaming the entire chain",
-        ));
-    }
-    // Every node the job will touch must be free of other jobs.
+    // Every node the job will touch must be free of other jobs (QEMU's op blockers, checked
+    // from the device down: the first one owned is the one named).
     let end = match &bottom {
         Some(b) => b.filter_or_cow_child(),
         None => base.clone(),
     };
     for n in chain_until(Some(Arc::clone(&bs)), end.as_ref()) {
         mgr.check_free(&n)?;
+    }
+    // Without a base the result has no backing file (with `bottom` too: QEMU has no base
+    // node then, and refuses a backing file name with this text).
+    if base.is_none() && args.backing_file.is_some() {
+        return Err(invalid(
+            "backing file specified, but streaming the entire chain",
+        ));
     }
 
     // The image directly above the base (the lowest one copied) and the node directly above
@@ -217,6 +222,14 @@ async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: StreamArgs) -> Result<Jo
         }
     };
 
+    // The edges from the node down to the node above the base stay frozen while the job
+    // runs. Freezing them checks them as QEMU's `bdrv_freeze_backing_chain` does: none may be
+    // frozen already, none may lead to a job's own filter (a commit's filter right above the
+    // base: "Cannot freeze 'backing' link to 'commit-filter'", iotest 030's overlapping_4).
+    // QEMU freezes that far only around the reopen of a read-only node (its copy-on-read
+    // filter then keeps the chain down to the lowest image copied frozen), so it would start
+    // the stream of a read-write node there, with the commit's filter (which the commit drops
+    // when it completes) as the node above its base; strata refuses that case too.
     let chain = chain_until(Some(Arc::clone(&bs)), Some(&above_base));
     let frozen: Vec<Arc<Edge>> = chain.iter().filter_map(|n| filter_or_cow_edge(n)).collect();
     let read_only = bs.is_read_only();
@@ -233,9 +246,7 @@ async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: StreamArgs) -> Result<Jo
     // One drained transaction: freeze, reopen read-write, insert the filter. All or nothing.
     let drained = ctx.drain(std::slice::from_ref(&bs)).await;
     let r = ctx.transaction(|tx| {
-        for e in &frozen {
-            tx.freeze(e)?;
-        }
+        tx.freeze_chain(&frozen)?;
         if read_only {
             crate::engine::reopen_image(tx, &bs, false)?;
         }
