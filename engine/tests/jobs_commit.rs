@@ -147,6 +147,9 @@ fn commit_argument_errors_have_qemus_texts() {
         msg(&|a| a.backing_file = Some("x".into())),
         "'backing-file' specified, but 'top' is the active layer"
     );
+    // The device must be a root node (QEMU's qmp_get_root_bs): the middle image has the top
+    // image above it.
+    assert_eq!(msg(&|a| a.device = n[1].clone()), "Need a root block node");
     assert!(e.jobs().list().is_empty());
     for name in &n {
         let node = e.node(name).unwrap();

@@ -362,6 +362,15 @@ fn resolve(mgr: &JobManager, args: &CommitArgs) -> Result<Resolved> {
             format!("Device '{}' not found", args.device),
         )
     })?;
+    // QEMU's qmp_get_root_bs(): the device is a node no other node sits on (its users are
+    // exports, jobs and guests, not parent nodes).
+    if bs
+        .parents()
+        .iter()
+        .any(|e| matches!(e.parent(), graph::Parent::Node(_)))
+    {
+        return Err(invalid("Need a root block node"));
+    }
     mgr.check_free(&bs)?;
     let top = match (&args.top_node, &args.top) {
         (Some(_), Some(_)) => return Err(invalid("'top-node' and 'top' are mutually exclusive")),
