@@ -760,7 +760,11 @@ pub async fn reopen_drained(ctx: &ChangeCtx, node: &Arc<Node>, read_only: bool) 
         on_io(ctx, move || async move {
             n.flush()
                 .await
-                .map_err(|e| Error::io(format!("Failed to flush node '{}'", n.name()), e))
+                .map_err(|e| Error::io(format!("Failed to flush node '{}'", n.name()), e))?;
+            // A failure here costs only space (a preallocated tail stays): not a reason to
+            // keep the node writable.
+            let _ = n.prepare_read_only().await;
+            Ok(())
         })
         .await?;
     }

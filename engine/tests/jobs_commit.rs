@@ -484,3 +484,38 @@ fn reopen_goes_through_a_filter_to_the_file() {
     e.reopen(&name, true).unwrap();
     assert_eq!(files(&node), (true, true));
 }
+
+/// An image that grew while writable is cut back to its end when reopened read-only (a
+/// commit's base, a snapshot's old active layer), not only when closed: a read-only node can
+/// no longer cut its file, and the preallocated tail would stay for good.
+#[test]
+fn reopening_read_only_cuts_the_preallocated_tail() {
+    if !have_qemu() {
+        return;
+    }
+    let imgs = make_chain("/var/tmp", "rt", 2, 32 * MIB);
+    let e = engine();
+    let n = open_chain(&e, &imgs, "rt");
+    let g = e.backend(&n[1], &[], BackendOptions::default()).unwrap();
+    for i in 0..16u64 {
+        let (r, _) = g.write_blocking(i * MIB, IoBuf::from_slice(&vec![7u8; MIB as usize]));
+        r.unwrap();
+    }
+    g.flush_blocking().unwrap();
+    let grown = std::fs::metadata(imgs[1].path()).unwrap().len();
+    drop(g);
+    e.reopen(&n[1], true).unwrap();
+    let out = std::process::Command::new("qemu-img")
+        .args(["check", "-U", "--output=json", imgs[1].path()])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let end = v["image-end-offset"].as_u64().unwrap();
+    assert!(
+        grown > end,
+        "preallocated while writable ({grown} <= {end})"
+    );
+    assert_eq!(std::fs::metadata(imgs[1].path()).unwrap().len(), end);
+    drop(e);
+    assert_check_clean(imgs[1].path());
+}

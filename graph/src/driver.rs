@@ -122,6 +122,13 @@ pub trait Driver: Any + Send + Sync + 'static {
         Box::pin(async { Ok(()) })
     }
 
+    /// Called on a drained node, after its flush, before it is reopened read-only: gives back
+    /// what the driver reserved for writing (qcow2 cuts its file's preallocated tail), which it
+    /// cannot do once read-only. The default does nothing.
+    fn prepare_read_only<'a>(&'a self, _node: &'a Node) -> LocalBoxFuture<'a, io::Result<()>> {
+        Box::pin(async { Ok(()) })
+    }
+
     /// The status of the range starting at `offset` (at most `len` bytes): what it is, and
     /// for how many bytes from `offset` that holds (at least 1 when `len` > 0). Drivers
     /// without allocation information report data for the whole range.

@@ -626,6 +626,16 @@ impl Node {
         self.driver().preallocate(self, len).await
     }
 
+    /// Lets the driver give back what it reserved for writing before a reopen read-only
+    /// (see [`Driver::prepare_read_only`]).
+    pub async fn prepare_read_only(&self) -> io::Result<()> {
+        if self.is_read_only() {
+            return Ok(());
+        }
+        let _g = self.enter()?;
+        self.driver().prepare_read_only(self).await
+    }
+
     /// The status of the range at `offset`: what it is and for how many bytes (see
     /// [`Driver::block_status`]). Past the end of the node it is unallocated.
     pub async fn block_status(&self, offset: u64, len: u64) -> io::Result<(BlockStatus, u64)> {

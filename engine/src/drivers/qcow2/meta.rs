@@ -640,7 +640,7 @@ impl Meta {
     /// stream into a growing image had one write at the device). Concurrent allocations do
     /// not wait for it: a write that gets there first extends the file as before, and the
     /// growth (`fallocate`, which keeps written bytes) is safe beside it. What is left past
-    /// `end` at close is cut ([`Self::trim_ahead`]); after a crash it stays, unused (space,
+    /// `end` is cut at close and before a reopen read-only ([`Self::trim_ahead`]); after a crash it stays, unused (space,
     /// not corruption: no refcount or mapping points there).
     async fn grow_ahead(&self, file: &Node) {
         let target = {
@@ -660,8 +660,8 @@ impl Meta {
         }
     }
 
-    /// Cuts the preallocated tail past the allocation frontier (at close, after the last
-    /// writeback: nothing is allocated there).
+    /// Cuts the preallocated tail past the allocation frontier (at close and before a reopen
+    /// read-only: nothing is allocated there).
     pub(crate) async fn trim_ahead(&self, file: &Node) -> io::Result<()> {
         let end = {
             let mut st = self.state.lock();

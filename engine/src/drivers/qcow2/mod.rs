@@ -450,6 +450,15 @@ impl Driver for Qcow2Driver {
         self.reopen_to.lock().take();
     }
 
+    fn prepare_read_only<'a>(&'a self, node: &'a Node) -> LocalBoxFuture<'a, std::io::Result<()>> {
+        Box::pin(async move {
+            match node.file() {
+                Some(file) => self.meta.trim_ahead(&file).await,
+                None => Ok(()),
+            }
+        })
+    }
+
     fn close<'a>(&'a self) -> LocalBoxFuture<'a, std::io::Result<()>> {
         Box::pin(async move {
             match self.close_file.get() {
