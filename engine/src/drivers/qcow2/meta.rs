@@ -640,8 +640,8 @@ impl Meta {
     /// stream into a growing image had one write at the device). Concurrent allocations do
     /// not wait for it: a write that gets there first extends the file as before, and the
     /// growth (`fallocate`, which keeps written bytes) is safe beside it. What is left past
-    /// `end` is cut at close and before a reopen read-only ([`Self::trim_ahead`]); after a crash it stays, unused (space,
-    /// not corruption: no refcount or mapping points there).
+    /// `end` is cut at close and before a reopen read-only ([`Self::trim_ahead`]); after a
+    /// crash it stays, unused (space, not corruption: no refcount or mapping points there).
     async fn grow_ahead(&self, file: &Node) {
         let target = {
             let mut st = self.state.lock();
