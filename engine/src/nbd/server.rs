@@ -837,36 +837,79 @@ async fn write_loop(fd: RawFd, conn: Rc<Conn>) {
 }
 
 /// Writes every buffer to the socket, resuming after short writes. Returns whether all
-/// went out, and the buffers that did (in order), for reuse.
+/// went out, and the buffers that did (in order), for reuse. What the socket takes at once
+/// goes with a plain non-blocking `sendmsg` (a UNIX socket nearly always has the room), so a
+/// batch costs one syscall and no ring round trip; the rest waits on the ring.
 async fn send_all(fd: RawFd, mut bufs: Vec<IoBuf>) -> (bool, Vec<IoBuf>) {
     let mut sent = Vec::with_capacity(bufs.len());
+    match send_now(fd, &bufs) {
+        Ok(n) => bufs = advance(bufs, n, &mut sent),
+        Err(_) => return (false, sent),
+    }
     while !bufs.is_empty() {
         let (r, back) = iothreads::op::writev_at(Fd::Raw(fd), 0, bufs).await;
         bufs = back;
-        let mut n = match r {
+        let n = match r {
             Ok(0) => return (false, sent),
             Ok(n) => n,
             Err(e) if matches!(e.raw_os_error(), Some(libc::EINTR) | Some(libc::EAGAIN)) => 0,
             Err(_) => return (false, sent),
         };
-        // Drop what went out; trim a partly written buffer.
-        let mut keep = Vec::with_capacity(bufs.len());
-        for mut b in bufs {
-            if n >= b.len() {
-                n -= b.len();
-                sent.push(b);
-                continue;
-            }
-            if n > 0 {
-                let w = b.window();
-                b.set_window(w.start + n..w.end);
-                n = 0;
-            }
-            keep.push(b);
-        }
-        bufs = keep;
+        bufs = advance(bufs, n, &mut sent);
     }
     (true, sent)
+}
+
+/// Moves the buffers of the first `n` bytes from `bufs` to `sent`, trimming a partly written
+/// one; returns what is left to send.
+fn advance(bufs: Vec<IoBuf>, mut n: usize, sent: &mut Vec<IoBuf>) -> Vec<IoBuf> {
+    let mut keep = Vec::with_capacity(bufs.len());
+    for mut b in bufs {
+        if n >= b.len() {
+            n -= b.len();
+            sent.push(b);
+            continue;
+        }
+        if n > 0 {
+            let w = b.window();
+            b.set_window(w.start + n..w.end);
+            n = 0;
+        }
+        keep.push(b);
+    }
+    keep
+}
+
+/// Sends what the socket takes now, without blocking: the bytes sent (0 if it would block).
+fn send_now(fd: RawFd, bufs: &[IoBuf]) -> io::Result<usize> {
+    const MAX_IOV: usize = 128;
+    let mut iov = [libc::iovec {
+        iov_base: std::ptr::null_mut(),
+        iov_len: 0,
+    }; MAX_IOV];
+    let n = bufs.len().min(MAX_IOV);
+    for (v, b) in iov.iter_mut().zip(bufs) {
+        v.iov_base = b.as_ptr() as *mut libc::c_void;
+        v.iov_len = b.len();
+    }
+    // SAFETY: an all-zero msghdr is valid (no name, no control data).
+    let mut msg: libc::msghdr = unsafe { std::mem::zeroed() };
+    msg.msg_iov = iov.as_mut_ptr();
+    msg.msg_iovlen = n;
+    loop {
+        // SAFETY: the iovecs point into buffers borrowed for the call, and sendmsg only reads
+        // them; MSG_DONTWAIT keeps it from blocking, MSG_NOSIGNAL from raising SIGPIPE.
+        let r = unsafe { libc::sendmsg(fd, &msg, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+        if r >= 0 {
+            return Ok(r as usize);
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::EINTR) => continue,
+            Some(libc::EAGAIN) => return Ok(0),
+            _ => return Err(e),
+        }
+    }
 }
 
 /// Starts one request as a task of its own; its reply goes to the writer.
