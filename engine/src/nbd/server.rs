@@ -37,7 +37,7 @@ use crate::backend::Backend;
 pub const MAX_IN_FLIGHT: u64 = 64;
 /// Bytes read from a client socket at a time.
 const RECV_BUF: usize = 256 << 10;
-/// Replies sent in one `writev` at most.
+/// Pieces (replies) sent in one gathered send at most.
 const WRITE_BATCH: usize = 64;
 /// The headers of replies without data are gathered into one send buffer of this size.
 const SEND_BUF: usize = 256 << 10;
@@ -665,7 +665,7 @@ impl Conn {
 
 /// Serves the transmission phase on one of the export's IoThreads: a reader task parses
 /// requests from the socket and starts a task per request; a writer task sends replies as
-/// they complete, many per `writev`. Nothing crosses a thread per request.
+/// they complete, many per send. Nothing crosses a thread per request.
 fn transmission(sess: Session, s: Stream) -> io::Result<()> {
     let threads = sess.export.backend.threads();
     static NEXT: AtomicU64 = AtomicU64::new(0);
@@ -760,7 +760,7 @@ async fn read_loop(sess: &Session, fd: RawFd, conn: &Rc<Conn>) -> io::Result<()>
 }
 
 /// Sends replies as they come: whatever is ready (up to [`WRITE_BATCH`] pieces) goes out in
-/// one `writev`: the headers of replies without data gathered in one send buffer, and each
+/// one gathered send ([`send_all`]): the headers of replies without data gathered in one send buffer, and each
 /// read's data with its header written in front of it (no copy).
 async fn write_loop(fd: RawFd, conn: Rc<Conn>) {
     // The send buffer, back from each send for the next.
