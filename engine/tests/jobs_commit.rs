@@ -505,12 +505,7 @@ fn reopening_read_only_cuts_the_preallocated_tail() {
     let grown = std::fs::metadata(imgs[1].path()).unwrap().len();
     drop(g);
     e.reopen(&n[1], true).unwrap();
-    let out = std::process::Command::new("qemu-img")
-        .args(["check", "-U", "--output=json", imgs[1].path()])
-        .output()
-        .unwrap();
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let end = v["image-end-offset"].as_u64().unwrap();
+    let end = common::qemu_image_end(imgs[1].path());
     assert!(
         grown > end,
         "preallocated while writable ({grown} <= {end})"

@@ -8,40 +8,13 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::{qemu_tool, Scratch};
+use common::{assert_check_clean as check_clean, qemu_content, qemu_image_end, qemu_tool, Scratch};
 use engine::drivers::qcow2::create::CreateOptions;
 use engine::image::{self, Format, ImageOptions};
 use engine::{Backend, IoBuf, IoThread, Node, WriteFlags, ZeroFlags};
 
 fn run<T: 'static>(f: impl std::future::Future<Output = T> + 'static) -> T {
     iothreads::block_on_current(Default::default(), f).expect("io_uring")
-}
-
-fn check_clean(path: &str) {
-    let out = Command::new("qemu-img")
-        .args(["check", path])
-        .output()
-        .unwrap();
-    let text =
-        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
-    assert!(
-        out.status.success() && text.contains("No errors were found"),
-        "qemu-img check {path}:\n{text}"
-    );
-}
-
-fn qemu_content(path: &str) -> Vec<u8> {
-    let raw = Scratch::new("conv");
-    let out = Command::new("qemu-img")
-        .args(["convert", "-O", "raw", path, raw.path()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    std::fs::read(&raw.0).unwrap()
 }
 
 fn create_at(path: &Path, o: CreateOptions) {
@@ -521,17 +494,7 @@ fn growth_is_preallocated_while_open_and_cut_at_close() {
         node.close_if_last().await.unwrap();
         (while_open, data)
     });
-    let out = Command::new("qemu-img")
-        .args(["check", "--output=json", img.path()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
-    let end = v["image-end-offset"].as_u64().unwrap();
+    let end = qemu_image_end(img.path());
     assert!(
         while_open > end,
         "while open the file reaches past the image's end ({while_open} <= {end})"

@@ -102,6 +102,24 @@ pub fn assert_check_clean(path: &str) {
     );
 }
 
+/// Where `qemu-img check` says the image at `path` ends ("Image end offset"); reads with
+/// `-U`, so the image may be open elsewhere.
+pub fn qemu_image_end(path: &str) -> u64 {
+    let out = Command::new("qemu-img")
+        .args(["check", "-U", "--output=json", path])
+        .output()
+        .unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!(
+            "qemu-img check {path}: {e}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        )
+    });
+    v["image-end-offset"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("qemu-img check {path}: no image-end-offset in {v}"))
+}
+
 /// The guest content of `path` (any format, with its backing chain) as QEMU reads it.
 pub fn qemu_content(path: &str) -> Vec<u8> {
     let raw = Scratch::new("content");

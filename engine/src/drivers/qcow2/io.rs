@@ -259,6 +259,15 @@ impl Qcow2Driver {
         decompress(self.compression, &raw[skip..skip + size as usize], out)
     }
 
+    /// The host cluster an L2 entry lets a write overwrite as it is (allocated here, refcount
+    /// 1), if any.
+    fn in_place_host(&self, e: (u64, Option<u64>)) -> Option<u64> {
+        match self.classify(e) {
+            Cluster::Normal { host, copied: true } => Some(host),
+            _ => None,
+        }
+    }
+
     /// The common read as a small future of its own: inside one cluster that is allocated
     /// in this image, with its L2 table cached. Err(buf) sends the request down the general
     /// path ([`Self::do_read`]), whose future is several times larger to build and move.
@@ -310,11 +319,10 @@ impl Qcow2Driver {
             return Err(buf);
         };
         let ticket = self.meta.enter();
-        let in_place = |e| match self.classify(e) {
-            Cluster::Normal { host, copied: true } => Some(host),
-            _ => None,
-        };
-        let host = match self.meta.cached_write_target(offset / cs, in_place) {
+        let host = match self
+            .meta
+            .cached_write_target(offset / cs, |e| self.in_place_host(e))
+        {
             Ok(Ok(WriteTarget::InPlace(host))) => host,
             _ => return Err(buf),
         };
@@ -870,11 +878,11 @@ impl Qcow2Driver {
         in_off: u64,
         buf: IoBuf,
     ) -> BufResult<()> {
-        let in_place = |e| match self.classify(e) {
-            Cluster::Normal { host, copied: true } => Some(host),
-            _ => None,
-        };
-        match self.meta.write_target(file, gc, in_place).await {
+        match self
+            .meta
+            .write_target(file, gc, |e| self.in_place_host(e))
+            .await
+        {
             Ok(WriteTarget::InPlace(host)) => {
                 let r = file.write(host + in_off, buf, WriteFlags::default()).await;
                 self.meta.data_written();
