@@ -268,9 +268,11 @@ impl Qcow2Driver {
         }
     }
 
-    /// The common read as a small future of its own: inside one cluster that is allocated
-    /// in this image, with its L2 table cached. Err(buf) sends the request down the general
-    /// path ([`Self::do_read`]), whose future is several times larger to build and move.
+    /// The common read as a small future of its own: inside one cluster whose L2 table is
+    /// cached and that is allocated here, zero, or unallocated (read from the backing
+    /// chain). Err(buf) sends the request down the general path ([`Self::do_read`]), whose
+    /// future is several times larger to build and move; a fallback repeats no work but
+    /// the lookup.
     pub(crate) fn fast_read<'a>(
         &'a self,
         node: &'a Node,
@@ -287,18 +289,34 @@ impl Qcow2Driver {
         };
         // Entered before the mapping is read, as on the general path.
         let ticket = self.meta.enter();
-        let host = match self
+        let Some(c) = self
             .meta
             .try_l2_entry(offset / cs)
             .map(|e| self.classify(e))
-        {
-            Some(Cluster::Normal { host, .. }) => host,
-            _ => return Err(buf),
+        else {
+            return Err(buf);
         };
-        Ok(Box::pin(async move {
-            let _t = ticket;
-            file.read(host + offset % cs, buf).await
-        }))
+        let backing = match c {
+            Cluster::Unallocated => node.backing(),
+            _ => None,
+        };
+        match self.src_of(c, backing.is_some(), offset) {
+            Some(Src::Host(host)) => Ok(Box::pin(async move {
+                let _t = ticket;
+                file.read(host, buf).await
+            })),
+            // An image above others: the read goes down the chain from here, once.
+            Some(Src::Backing(off)) => Ok(Box::pin(async move {
+                let _t = ticket;
+                self.read_backing(backing.as_ref(), off, buf).await
+            })),
+            Some(Src::Zero) => {
+                let mut buf = buf;
+                buf.fill(0);
+                Ok(Box::pin(std::future::ready((Ok(()), buf))))
+            }
+            _ => Err(buf),
+        }
     }
 
     /// The common write as a small future (see [`Self::fast_read`]): inside one cluster
