@@ -8,7 +8,11 @@
 //!
 //! Write side (the controller only, inside a drained section): set `writer`, fence, wait until
 //! every reader slot is zero, run a synchronous closure, clear `writer`. The closure cannot
-//! await, so the write side is held for microseconds.
+//! await, so the write side is held for microseconds. Only the transaction steps take it
+//! (crate::txn), and they refuse to edit the children of a node that something reaches unless
+//! a drained section covers it; a node nothing reaches yet (one being opened) is edited freely.
+//! In the engine only the controller drains (`ChangeCtx::drain`), so the edits of the live
+//! graph are the controller's.
 //!
 //! Why it is sound: a reader increments, fences, then loads `writer`; the writer stores
 //! `writer`, fences, then sums the slots. By the SeqCst fences, either the reader sees the

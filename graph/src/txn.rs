@@ -69,6 +69,23 @@ fn frozen_error(edge: &Edge) -> Error {
     )
 }
 
+/// The rule of the graph lock's write side: a node's children change only while nothing can
+/// send it requests, i.e. while a drained section covers it, or while nothing reaches it at
+/// all (no parent edge and no user: a node being opened, before it is attached anywhere).
+/// A change that forgot its drain fails here, before it has changed anything.
+fn require_drained(node: &Node) -> Result<()> {
+    if node.quiesce_count() > 0 || node.parents().is_empty() {
+        return Ok(());
+    }
+    Err(Error::new(
+        ErrorKind::Busy,
+        format!(
+            "Cannot change the children of '{}' outside a drained section",
+            node.name()
+        ),
+    ))
+}
+
 /// Replaces a node's child list under the write side; the old list is dropped outside it.
 fn edit_children(node: &Node, f: impl FnOnce(&mut Vec<Arc<Edge>>)) {
     let old = graph_lock().with_write(|w| {
@@ -127,6 +144,7 @@ impl<'m> Transaction<'m> {
                 ),
             ));
         }
+        require_drained(parent)?;
         let edge = Edge::new(
             role.child_name(),
             role,
@@ -194,6 +212,9 @@ impl<'m> Transaction<'m> {
         }
         let child = edge.child();
         let parent = edge.parent().node();
+        if let Some(p) = &parent {
+            require_drained(p)?;
+        }
         let mut at = None;
         if let Some(p) = &parent {
             edit_children(p, |v| {
@@ -239,6 +260,11 @@ impl<'m> Transaction<'m> {
                     ),
                 ));
             }
+        }
+        // A user's edge is read by the user's requests: the old child's drain stops them.
+        match edge.parent().node() {
+            Some(p) => require_drained(&p)?,
+            None => require_drained(&old)?,
         }
         let prev = graph_lock().with_write(|w| edge.set_child(w, Arc::clone(new)));
         let ppos = remove_parent_link(&old, edge);

@@ -495,8 +495,10 @@ impl JobDriver for StreamJob {
                     .map_err(|e| Error::io(format!("Failed to flush node '{}'", t.name()), e))
             })
             .await?;
-            // The base as it is now: another job may have put a filter above it or taken one
-            // away since this job started. No other change runs until this one ends.
+            // The base as it is now, read after the drain (never before it): another job may
+            // have put a filter above it or taken one away since this job started. No other
+            // change runs until this one ends.
+            let drained = ctx.drain(std::slice::from_ref(&top)).await;
             let base = self.above_base.filter_or_cow_child();
             let unfiltered_base = base.as_ref().map(|b| b.skip_filters());
             let (name, format) = match &unfiltered_base {
@@ -506,7 +508,6 @@ impl JobDriver for StreamJob {
                 ),
                 None => (None, None),
             };
-            let drained = ctx.drain(std::slice::from_ref(&top)).await;
             let r = async {
                 ctx.transaction(|tx| tx.set_backing(&top, base.as_ref()))?;
                 if top.driver_as::<Qcow2Driver>().is_some() {
