@@ -208,6 +208,14 @@ fn bad_input_is_one_line_and_exit_1() {
         ),
         (&["--driver=bogus"], &["bogus"]),
         (&["--output-format=xml"], &["xml"]),
+        (
+            &["--driver=null", "--cpus_allowed=1023"],
+            &["--cpus_allowed=1023", "CPU 1023 is not available"],
+        ),
+        (
+            &["--driver=null", "--cpus_allowed=1-x"],
+            &["--cpus_allowed=1-x", "'x' is not a CPU number"],
+        ),
         // clap's own usage errors, reworded to one line.
         (&["--no-such-option"], &["--no-such-option"]),
         (&["--driver=null", "--bs"], &["--bs"]),
@@ -535,6 +543,20 @@ fn drain_every_on_null_jobs() {
     for j in v["jobs"].as_array().unwrap() {
         assert!(j["read"]["iops"].as_f64().unwrap() > 0.0);
     }
+}
+
+#[test]
+fn cpus_allowed_runs_and_is_reported() {
+    let o = run(&[
+        "--driver=null",
+        "--cpus_allowed=0",
+        "--runtime=0.3",
+        "--time_based",
+        "--output-format=json",
+    ]);
+    let v = json(&o);
+    assert_eq!(v["global options"]["cpus_allowed"], "0");
+    assert!(v["jobs"][0]["read"]["iops"].as_f64().unwrap() > 0.0);
 }
 
 #[test]

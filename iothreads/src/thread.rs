@@ -84,6 +84,11 @@ pub struct IoThreadOptions {
     /// Submit each op as soon as it is queued (one `io_uring_enter` each) instead of once per
     /// loop turn: lower latency and more I/O at the device, for a syscall per op.
     pub eager_submit: bool,
+    /// Run the IoThread, and the kernel workers its ring starts for requests that cannot be
+    /// issued without blocking (io-wq), only on these CPUs (fio's `cpus_allowed`); `None`
+    /// leaves both to the scheduler. ([`block_on_current`] runs on the calling thread, and so
+    /// binds that thread, for good.)
+    pub cpus: Option<Vec<usize>>,
 }
 
 impl Default for IoThreadOptions {
@@ -96,6 +101,7 @@ impl Default for IoThreadOptions {
             fixed_buffers: None,
             defer_taskrun: true,
             eager_submit: true,
+            cpus: None,
         }
     }
 }
@@ -206,6 +212,43 @@ fn build_ring(opts: &IoThreadOptions) -> Result<IoUring, RingError> {
     builder.build(entries).map_err(explain_setup_error)
 }
 
+/// Binds the calling thread and its ring's io-wq workers to `cpus` (if given).
+fn bind_cpus(ring: IoUring, cpus: Option<&[usize]>) -> Result<IoUring, RingError> {
+    let Some(cpus) = cpus else {
+        return Ok(ring);
+    };
+    let list = cpus
+        .iter()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(",");
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        if c >= libc::CPU_SETSIZE as usize {
+            return Err(RingError::new(format!("CPU {c} is out of range"), None));
+        }
+        // SAFETY: c is below CPU_SETSIZE, the set's size in bits.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is the calling thread.
+    let r = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if r != 0 {
+        let e = io::Error::last_os_error();
+        return Err(RingError::new(
+            format!("cannot bind the IoThread to CPUs {list}: {e}"),
+            Some(e),
+        ));
+    }
+    ring.submitter().register_iowq_aff(&set).map_err(|e| {
+        RingError::new(
+            format!("cannot bind the ring's kernel workers to CPUs {list}: {e}"),
+            Some(e),
+        )
+    })?;
+    Ok(ring)
+}
+
 /// An IoThread: one OS thread running one ring and one single-threaded executor.
 pub struct IoThread {
     handle: IoThreadHandle,
@@ -254,7 +297,7 @@ impl IoThread {
                 }
             }
             let _release = Release(index);
-            let ring = match build_ring(&opts) {
+            let ring = match build_ring(&opts).and_then(|r| bind_cpus(r, opts.cpus.as_deref())) {
                 Ok(r) => r,
                 Err(e) => {
                     let _ = tx.send(Err(e));
@@ -381,7 +424,7 @@ where
         .unwrap_or_else(|| format!("iothread-{index}"));
     let shared = Shared::new(index, name)
         .map_err(|e| RingError::new(format!("cannot create an eventfd: {e}"), Some(e)))?;
-    let ring = build_ring(&opts)?;
+    let ring = bind_cpus(build_ring(&opts)?, opts.cpus.as_deref())?;
     let local = Local::new(
         Arc::clone(&shared),
         ring,

@@ -350,6 +350,7 @@ fn start_iothreads(opts: &Options) -> Result<Vec<IoThread>, String> {
         fixed_buffers: opts
             .fixedbufs
             .then_some((opts.iodepth as u16, opts.bs as usize)),
+        cpus: opts.cpus_allowed.clone(),
         ..IoThreadOptions::default()
     };
     with_signals_blocked(|| {

@@ -99,6 +99,10 @@ pub struct BenchArgs {
     /// How file requests reach the kernel: auto, io_uring, inline [default: auto]
     #[arg(long, value_name = "MODE")]
     pub aio: Option<String>,
+    /// CPUs the IoThreads (and their rings' kernel workers) may run on, as fio's
+    /// cpus_allowed: a list like 0,2-3 [default: any]
+    #[arg(long = "cpus_allowed", alias = "cpus-allowed", value_name = "LIST")]
+    pub cpus_allowed: Option<String>,
     /// strata's own: drain the target node(s) every MS milliseconds while the load runs, and
     /// report how long each drain took to quiesce [default: no drains]
     #[arg(long = "drain-every", alias = "drain_every", value_name = "MS")]
@@ -108,7 +112,7 @@ pub struct BenchArgs {
 impl BenchArgs {
     /// The options given on the command line, by fio name, in a fixed order.
     pub fn given(&self) -> Vec<(&'static str, String)> {
-        let all: [(&'static str, &Option<String>); 23] = [
+        let all: [(&'static str, &Option<String>); 24] = [
             ("name", &self.name),
             ("filename", &self.filename),
             ("driver", &self.driver),
@@ -130,6 +134,7 @@ impl BenchArgs {
             ("fixedbufs", &self.fixedbufs),
             ("sqthread_poll", &self.sqthread_poll),
             ("aio", &self.aio),
+            ("cpus_allowed", &self.cpus_allowed),
             ("drain_every", &self.drain_every),
             ("output-format", &self.output_format),
         ];
@@ -299,6 +304,8 @@ pub struct Options {
     pub sqthread_poll: bool,
     /// File I/O mode.
     pub aio: Aio,
+    /// With `--cpus_allowed`: the CPUs of the IoThreads and their kernel workers.
+    pub cpus_allowed: Option<Vec<usize>>,
     /// With `--drain-every`: the period of the drainer.
     pub drain_every: Option<Duration>,
     /// The options as given, for the JSON report.
@@ -461,6 +468,60 @@ fn count_opt(opt: &str, v: &Option<String>, min: u32, max: u32) -> Result<Option
     Ok(Some(n as u32))
 }
 
+/// The CPUs this process may use now (its affinity mask), as fio checks cpus_allowed against.
+fn online_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is the calling thread.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    }
+    // SAFETY: each index is below CPU_SETSIZE, the set's size in bits.
+    (0..libc::CPU_SETSIZE as usize)
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
+/// Parses fio's CPU list syntax (`0,2-3`): every CPU must be one this process may use.
+pub fn cpu_list(list: &str, usable: Vec<usize>) -> Result<Vec<usize>, String> {
+    let bad = |why: String| format!("--cpus_allowed={list}: {why}");
+    let num = |s: &str| {
+        s.trim()
+            .parse::<usize>()
+            .map_err(|_| bad(format!("'{}' is not a CPU number", s.trim())))
+    };
+    let mut cpus = Vec::new();
+    for part in list.split(',') {
+        let (lo, hi) = match part.split_once('-') {
+            Some((a, b)) => (num(a)?, num(b)?),
+            None => {
+                let c = num(part)?;
+                (c, c)
+            }
+        };
+        if lo > hi {
+            return Err(bad(format!("the range {lo}-{hi} is reversed")));
+        }
+        for c in lo..=hi {
+            if !usable.contains(&c) {
+                let have = usable
+                    .iter()
+                    .map(|c| c.to_string())
+                    .collect::<Vec<_>>()
+                    .join(",");
+                return Err(bad(format!(
+                    "CPU {c} is not available (this process may use {have})"
+                )));
+            }
+            if !cpus.contains(&c) {
+                cpus.push(c);
+            }
+        }
+    }
+    Ok(cpus)
+}
+
 fn bool_opt(opt: &str, v: &Option<String>) -> Result<Option<bool>, String> {
     v.as_deref().map(|s| parse_bool(opt, s)).transpose()
 }
@@ -603,6 +664,11 @@ pub fn validate(args: &BenchArgs) -> Result<Options, String> {
             ))
         }
     };
+    let cpus_allowed = args
+        .cpus_allowed
+        .as_deref()
+        .map(|l| cpu_list(l, online_cpus()))
+        .transpose()?;
     let drain_every = count_opt("drain-every", &args.drain_every, 1, DRAIN_EVERY_MAX_MS)?
         .map(|ms| Duration::from_millis(u64::from(ms)));
 
@@ -635,6 +701,7 @@ pub fn validate(args: &BenchArgs) -> Result<Options, String> {
         fixedbufs,
         sqthread_poll,
         aio,
+        cpus_allowed,
         drain_every,
         given,
     };
@@ -650,6 +717,24 @@ pub fn validate(args: &BenchArgs) -> Result<Options, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn cpu_lists_as_fio_writes_them() {
+        let four = || vec![0, 1, 2, 3];
+        assert_eq!(cpu_list("0", four()), Ok(vec![0]));
+        assert_eq!(cpu_list("0,2-3", four()), Ok(vec![0, 2, 3]));
+        assert_eq!(cpu_list("1-2,2", four()), Ok(vec![1, 2]));
+        let e = cpu_list("4", four()).unwrap_err();
+        assert_eq!(
+            e,
+            "--cpus_allowed=4: CPU 4 is not available (this process may use 0,1,2,3)"
+        );
+        assert!(cpu_list("3-1", four()).unwrap_err().contains("reversed"));
+        assert!(cpu_list("a", four())
+            .unwrap_err()
+            .contains("'a' is not a CPU number"));
+        assert!(cpu_list("", four()).is_err());
+    }
 
     #[test]
     fn sizes_use_1024_powers() {
