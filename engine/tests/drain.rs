@@ -3,6 +3,8 @@
 //! time while still answering queries.
 
 mod common;
+#[path = "common/drain_util.rs"]
+mod drain_util;
 
 use std::io;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -10,9 +12,10 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::uniq;
+use drain_util::{join_within, run_in_order, wait_until, LocalFut};
 use engine::drivers::null::{self, NullOptions};
 use engine::{Backend, BackendOptions, Engine, EngineOptions, IoBuf};
-use graph::{Driver, LocalBoxFuture, Node, WriteFlags, ZeroFlags};
+use graph::{Driver, LocalBoxFuture, Node, Role, WriteFlags, ZeroFlags};
 use iothreads::BufResult;
 use parking_lot::Mutex;
 
@@ -384,9 +387,485 @@ fn engine_nodes_are_added_used_and_deleted() {
     );
 }
 
+/// Submitter `s`'s request `i` goes to offset `(s * PER + i) * 512`.
+const PER: u64 = 48;
+
+fn offset_of(s: u64, i: u64) -> u64 {
+    (s * PER + i) * 512
+}
+
+/// A read for even `i`, a write for odd.
+async fn request(b: &Backend, off: u64, i: u64) -> io::Result<()> {
+    if i.is_multiple_of(2) {
+        b.read(off, IoBuf::new(512)).await.0
+    } else {
+        b.write(off, IoBuf::new(512)).await.0
+    }
+}
+
+/// Submits requests `is` of submitter `s` on IoThread `t`, in order (each enters, or joins the
+/// held FIFO, in its first poll); `done` counts those that complete.
+fn submit_on(
+    t: &iothreads::IoThreadHandle,
+    b: &Backend,
+    s: u64,
+    is: std::ops::Range<u64>,
+    done: &Arc<AtomicUsize>,
+) -> Vec<iothreads::JoinHandle<io::Result<()>>> {
+    let (b, done) = (b.clone(), done.clone());
+    t.spawn_with(move || async move {
+        is.map(|i| {
+            let (b, d) = (b.clone(), done.clone());
+            iothreads::spawn_local(async move {
+                let r = request(&b, offset_of(s, i), i).await;
+                d.fetch_add(1, Ordering::SeqCst);
+                r
+            })
+        })
+        .collect::<Vec<_>>()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Waits until `n` requests were held or have completed, and asserts none completed: all `n`
+/// are held.
+fn assert_all_held(b: &Backend, done: &AtomicUsize, n: u64) {
+    wait_until("the requests to be held", || {
+        (b.held_total() + done.load(Ordering::SeqCst) as u64 >= n).then_some(())
+    });
+    assert_eq!(
+        done.load(Ordering::SeqCst),
+        0,
+        "requests completed during the drain"
+    );
+    assert_eq!(b.held_total(), n);
+}
+
+fn join_all(hs: Vec<iothreads::JoinHandle<io::Result<()>>>) {
+    for h in hs {
+        join_within(h, "a held request").unwrap();
+    }
+}
+
+/// Three submitters while the backend is drained: IoThread 0 and IoThread 1 (the backend's
+/// own, where requests enter right away) and a plain thread (whose requests hop through
+/// `route()` to one of them, where they queue with that IoThread's own). None reaches the node
+/// during the drain; after it none is lost or failed, and each submitter's requests reach the
+/// node in the order it submitted them.
+#[test]
+fn held_requests_keep_each_submitters_order_across_iothreads_and_a_plain_thread() {
+    let e = engine();
+    let (node, _keep) = Recorder::node(Duration::ZERO);
+    let threads = e.iothreads();
+    assert_eq!(threads.len(), 2);
+    let b = Backend::with_options(node.clone(), &threads, BackendOptions::default()).unwrap();
+    let (release, change) = hold_drained(&e, &node);
+    assert!(b.is_drained());
+    let done = Arc::new(AtomicUsize::new(0));
+    let on_iothreads: Vec<_> = threads
+        .iter()
+        .enumerate()
+        .map(|(s, t)| submit_on(t, &b, s as u64, 0..PER, &done))
+        .collect();
+    let (b3, d3) = (b.clone(), done.clone());
+    let plain = std::thread::spawn(move || {
+        assert_eq!(iothreads::current_index(), None, "a plain thread");
+        let futs: Vec<LocalFut<io::Result<()>>> = (0..PER)
+            .map(|i| {
+                let (b, d) = (b3.clone(), d3.clone());
+                Box::pin(async move {
+                    let r = request(&b, offset_of(2, i), i).await;
+                    d.fetch_add(1, Ordering::SeqCst);
+                    r
+                }) as LocalFut<io::Result<()>>
+            })
+            .collect();
+        run_in_order(futs)
+    });
+    assert_all_held(&b, &done, 3 * PER);
+    assert!(
+        Recorder::log(&node).is_empty(),
+        "a request reached the node"
+    );
+    release.complete(());
+    join_within(change, "the draining change").unwrap();
+    for hs in on_iothreads {
+        join_all(hs);
+    }
+    for r in plain.join().unwrap() {
+        r.unwrap();
+    }
+    assert_eq!(done.load(Ordering::SeqCst) as u64, 3 * PER, "none lost");
+    let log = Recorder::log(&node);
+    assert_eq!(
+        log.len() as u64,
+        3 * PER,
+        "each request reached the node once"
+    );
+    for s in 0..3 {
+        let got: Vec<u64> = log
+            .iter()
+            .map(|o| o / 512)
+            .filter(|k| k / PER == s)
+            .map(|k| k % PER)
+            .collect();
+        let want: Vec<u64> = (0..PER).collect();
+        assert_eq!(got, want, "submitter {s}'s requests out of order");
+    }
+    assert!(!b.is_drained());
+    assert_eq!(node.quiesce_count(), 0);
+}
+
+/// Two children A (file) and B (backing) under one parent node with a backend on top, drained
+/// in two overlapping sections (A, then B) on the controller and ended in the given order. The
+/// parent counts both sections, the backend holds until the last one ends, requests submitted
+/// during the overlap and after the first end all complete (in order) only after the last
+/// end, and every quiesce count returns to zero.
+fn overlapping_drains_of_two_children(end_a_first: bool) {
+    let e = engine();
+    let t = e.iothread(1).unwrap();
+    let (an, bn) = (uniq("a"), uniq("b"));
+    let (parent, a, bnode) = e
+        .controller()
+        .change_blocking(move |ctx| async move {
+            let a = null::open(&an, NullOptions::default())?;
+            let b = null::open(&bn, NullOptions::default())?;
+            let (p, _) = Recorder::node(Duration::ZERO);
+            ctx.transaction(|tx| {
+                tx.attach_child(&p, &a, Role::File)?;
+                tx.attach_child(&p, &b, Role::Backing)?;
+                Ok(())
+            })?;
+            Ok((p, a, b))
+        })
+        .unwrap();
+    let b = Backend::with_options(
+        parent.clone(),
+        std::slice::from_ref(&t),
+        BackendOptions::default(),
+    )
+    .unwrap();
+    let (both_tx, both) = iothreads::join::channel::<()>();
+    let (end1_tx, end1) = iothreads::join::channel::<()>();
+    let (ended1_tx, ended1) = iothreads::join::channel::<()>();
+    let (end2_tx, end2) = iothreads::join::channel::<()>();
+    let (a2, b2) = (a.clone(), bnode.clone());
+    let change = e.controller().change(move |ctx| async move {
+        let da = ctx.drain(&[a2]).await;
+        let db = ctx.drain(&[b2]).await;
+        both_tx.complete(());
+        let _ = end1.await;
+        let (first, second) = if end_a_first { (da, db) } else { (db, da) };
+        first.end();
+        ended1_tx.complete(());
+        let _ = end2.await;
+        second.end();
+        Ok(())
+    });
+    join_within(both, "both drains");
+    let counts = || {
+        (
+            a.quiesce_count(),
+            bnode.quiesce_count(),
+            parent.quiesce_count(),
+        )
+    };
+    assert_eq!(counts(), (1, 1, 2), "(A, B, parent)");
+    assert!(b.is_drained());
+    let done = Arc::new(AtomicUsize::new(0));
+    let mut hs = submit_on(&t, &b, 0, 0..PER, &done);
+    assert_all_held(&b, &done, PER);
+
+    end1_tx.complete(());
+    join_within(ended1, "the first drain's end");
+    let want = if end_a_first { (0, 1, 1) } else { (1, 0, 1) };
+    assert_eq!(counts(), want, "(A, B, parent) after the first end");
+    assert!(b.is_drained(), "the other section still holds the backend");
+    hs.extend(submit_on(&t, &b, 0, PER..2 * PER, &done));
+    assert_all_held(&b, &done, 2 * PER);
+    assert!(
+        Recorder::log(&parent).is_empty(),
+        "a request reached the parent"
+    );
+
+    end2_tx.complete(());
+    join_within(change, "the draining change").unwrap();
+    join_all(hs);
+    assert_eq!(done.load(Ordering::SeqCst) as u64, 2 * PER, "none lost");
+    let want: Vec<u64> = (0..2 * PER).map(|i| offset_of(0, i)).collect();
+    assert_eq!(
+        Recorder::log(&parent),
+        want,
+        "held requests resume in order"
+    );
+    assert_eq!(counts(), (0, 0, 0));
+    assert!(!b.is_drained());
+}
+
+#[test]
+fn overlapping_drains_of_two_children_end_a_then_b() {
+    overlapping_drains_of_two_children(true);
+}
+
+#[test]
+fn overlapping_drains_of_two_children_end_b_then_a() {
+    overlapping_drains_of_two_children(false);
+}
+
+/// Draining the base of a three-node chain (null <- blkdebug <- blkdebug, a backend on the
+/// top) raises the quiesce count of every node above it and holds the backend two levels up:
+/// requests submitted to the backend during the drain (from its IoThread and from a plain
+/// thread) reach no node of the chain until the drain ends, then all of them reach the base.
+#[test]
+fn draining_the_base_of_a_chain_holds_the_backend_two_levels_up() {
+    use engine::{ChildSpec, DriverSpec, NodeSpec};
+    let e = engine();
+    let p = uniq("chain");
+    let (bn, mn, tn) = (format!("{p}base"), format!("{p}mid"), format!("{p}top"));
+    e.add_node(NodeSpec {
+        node_name: Some(bn.clone()),
+        read_only: false,
+        driver: DriverSpec::Null(NullOptions::default()),
+    })
+    .unwrap();
+    for (name, below) in [(&mn, &bn), (&tn, &mn)] {
+        e.add_node(NodeSpec {
+            node_name: Some(name.clone()),
+            read_only: false,
+            driver: DriverSpec::Blkdebug {
+                image: ChildSpec::Name(below.clone()),
+                opts: Default::default(),
+            },
+        })
+        .unwrap();
+    }
+    let t = e.iothread(1).unwrap();
+    let b = e
+        .backend(&tn, std::slice::from_ref(&t), BackendOptions::default())
+        .unwrap();
+    let (base, mid, top) = (
+        e.node(&bn).unwrap(),
+        e.node(&mn).unwrap(),
+        e.node(&tn).unwrap(),
+    );
+    let ops = || {
+        (
+            base.stats().wr_ops + base.stats().rd_ops,
+            mid.stats().wr_ops + mid.stats().rd_ops,
+            top.stats().wr_ops + top.stats().rd_ops,
+        )
+    };
+    let (release, change) = hold_drained(&e, &base);
+    assert_eq!(
+        (
+            base.quiesce_count(),
+            mid.quiesce_count(),
+            top.quiesce_count()
+        ),
+        (1, 1, 1)
+    );
+    assert!(b.is_drained(), "the backend two levels up is held");
+    let done = Arc::new(AtomicUsize::new(0));
+    let hs = submit_on(&t, &b, 0, 0..PER, &done);
+    let (b3, d3) = (b.clone(), done.clone());
+    let plain = std::thread::spawn(move || {
+        let (r, _) = b3.write_blocking(offset_of(1, 0), IoBuf::new(512));
+        d3.fetch_add(1, Ordering::SeqCst);
+        r
+    });
+    assert_all_held(&b, &done, PER + 1);
+    assert_eq!(ops(), (0, 0, 0), "a request reached the chain");
+    assert_eq!(base.in_flight() + mid.in_flight() + top.in_flight(), 0);
+    release.complete(());
+    join_within(change, "the draining change").unwrap();
+    join_all(hs);
+    plain.join().unwrap().unwrap();
+    assert_eq!(done.load(Ordering::SeqCst) as u64, PER + 1);
+    assert_eq!(
+        ops(),
+        (PER + 1, PER + 1, PER + 1),
+        "(base, mid, top) requests"
+    );
+    assert_eq!(
+        (
+            base.quiesce_count(),
+            mid.quiesce_count(),
+            top.quiesce_count()
+        ),
+        (0, 0, 0)
+    );
+    assert!(!b.is_drained());
+}
+
+/// What the graph looks like around the nodes whose names start with `prefix`: each node's
+/// driver, read-only flag, length, quiesce count and permissions, its child edges (name, role,
+/// child, permissions, frozen) and its parent edges (name, role, parent, permissions).
+fn shape(prefix: &str) -> Vec<String> {
+    let mut v: Vec<String> = graph::all_nodes()
+        .into_iter()
+        .filter(|n| n.name().starts_with(prefix))
+        .map(|n| {
+            let kids: Vec<String> = n
+                .children()
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}:{:?}->{} {:?} frozen={}",
+                        e.name(),
+                        e.role(),
+                        e.child().name(),
+                        e.perms(),
+                        e.is_frozen()
+                    )
+                })
+                .collect();
+            let mut parents: Vec<String> = n
+                .parents()
+                .iter()
+                .map(|e| {
+                    format!(
+                        "{}:{:?}<-{} {:?}",
+                        e.name(),
+                        e.role(),
+                        e.parent().describe(),
+                        e.perms()
+                    )
+                })
+                .collect();
+            parents.sort();
+            format!(
+                "{} [{}] ro={} len={} quiesce={} perms={:?} kids={kids:?} parents={parents:?}",
+                n.name(),
+                n.driver_name(),
+                n.is_read_only(),
+                n.len(),
+                n.quiesce_count(),
+                n.cumulative_perms()
+            )
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Refused engine-level changes leave the graph exactly as it was: deleting a node with a node
+/// parent, deleting a node with a backend parent, adding a node under a name in use (directly,
+/// or as an inline child of a new node), adding a node whose options are wrong after its
+/// inline child was opened, inserting a filter under a name in use, dropping a node that is
+/// no filter. The name in use still finds the original node, and the graph still works.
+#[test]
+fn refused_graph_changes_leave_the_graph_as_it_was() {
+    use engine::{ChildSpec, DriverSpec, ErrorKind, NodeSpec};
+    let e = engine();
+    let p = uniq("bad");
+    let (base, filt, fresh, child) = (
+        format!("{p}base"),
+        format!("{p}filter"),
+        format!("{p}new"),
+        format!("{p}child"),
+    );
+    let null = |name: &str| NodeSpec {
+        node_name: Some(name.to_string()),
+        read_only: false,
+        driver: DriverSpec::Null(NullOptions::default()),
+    };
+    let blkdebug = |name: &str, image: ChildSpec| NodeSpec {
+        node_name: Some(name.to_string()),
+        read_only: false,
+        driver: DriverSpec::Blkdebug {
+            image,
+            opts: Default::default(),
+        },
+    };
+    let base_node = e.add_node(null(&base)).unwrap();
+    e.add_node(blkdebug(&filt, ChildSpec::Name(base.clone())))
+        .unwrap();
+    let opts = BackendOptions {
+        name: Some(format!("{p}dev")),
+        ..Default::default()
+    };
+    let b = e.backend(&filt, &[], opts).unwrap();
+    let before = shape(&p);
+    assert_eq!(before.len(), 2, "{before:#?}");
+    let check = |what: &str, r: engine::Result<()>, kind: ErrorKind, text: &str| {
+        let err = r.expect_err(what);
+        assert_eq!(err.kind(), kind, "{what}: {}", err.full_message());
+        assert_eq!(err.to_string(), text, "{what}");
+        assert_eq!(shape(&p), before, "{what} changed the graph");
+    };
+
+    check(
+        "deleting a node with a node parent",
+        e.del_node(&base),
+        ErrorKind::Busy,
+        &format!("Block device {base} is in use"),
+    );
+    check(
+        "deleting a node with a backend parent",
+        e.del_node(&filt),
+        ErrorKind::Busy,
+        &format!("Node {filt} is in use"),
+    );
+    check(
+        "adding a node under a name in use",
+        e.add_node(null(&base)).map(drop),
+        ErrorKind::AlreadyExists,
+        &format!("Duplicate nodes with node-name='{base}'"),
+    );
+    assert!(
+        Arc::ptr_eq(&e.node(&base).unwrap(), &base_node),
+        "the name still finds the original node"
+    );
+    check(
+        "adding a node whose inline child's name is in use",
+        e.add_node(blkdebug(&fresh, ChildSpec::Spec(Box::new(null(&base)))))
+            .map(drop),
+        ErrorKind::AlreadyExists,
+        &format!("Duplicate nodes with node-name='{base}'"),
+    );
+    check(
+        "adding a node whose bottom is not below it, after its inline child opened",
+        e.add_node(NodeSpec {
+            node_name: Some(fresh.clone()),
+            read_only: false,
+            driver: DriverSpec::CopyOnRead {
+                file: ChildSpec::Spec(Box::new(null(&child))),
+                bottom: Some(filt.clone()),
+            },
+        })
+        .map(drop),
+        ErrorKind::InvalidArgument,
+        &format!("Bottom node '{filt}' is not a descendant of '{child}'"),
+    );
+    check(
+        "inserting a filter under a name in use",
+        e.insert_filter(&base, blkdebug(&filt, ChildSpec::Name(base.clone())))
+            .map(drop),
+        ErrorKind::AlreadyExists,
+        &format!("Duplicate nodes with node-name='{filt}'"),
+    );
+    check(
+        "dropping a node that is no filter",
+        e.drop_filter(&base),
+        ErrorKind::InvalidArgument,
+        &format!("'{base}' is not a filter"),
+    );
+    assert!(graph::find_node(&fresh).is_none());
+    assert!(graph::find_node(&child).is_none());
+    assert!(Arc::ptr_eq(&e.node(&base).unwrap(), &base_node));
+    // The graph still works: a write through the backend reaches the base.
+    let (r, _) = b.write_blocking(0, IoBuf::new(512));
+    r.unwrap();
+    assert_eq!(base_node.stats().wr_ops, 1);
+}
+
+/// Where a close ran: the IoThread's index and the OS thread.
+type CloseSite = Option<(Option<usize>, std::thread::ThreadId)>;
+
 /// A leaf whose asynchronous close records where it ran.
 struct Closing {
-    closed_on: Arc<Mutex<Option<Option<usize>>>>,
+    closed_on: Arc<Mutex<CloseSite>>,
 }
 
 impl Driver for Closing {
@@ -427,42 +906,66 @@ impl Driver for Closing {
         Box::pin(async move {
             // Real I/O is possible here: this runs on an IoThread.
             iothreads::op::nop().await?;
-            *self.closed_on.lock() = Some(iothreads::current_index());
+            *self.closed_on.lock() =
+                Some((iothreads::current_index(), std::thread::current().id()));
             Ok(())
         })
     }
 }
 
+/// A node made by this engine, whether by a change on its controller (as blockdev-add makes
+/// nodes) or on one of its IoThreads other than the controller's, is closed asynchronously,
+/// once its last user goes, by this engine's controller on the controller's IoThread (by
+/// index and by OS thread), not where it was made nor by another engine's controller (tests
+/// run several engines at once).
 #[test]
 fn dropping_the_last_reference_closes_the_node_on_the_controller_iothread() {
     let e = engine();
-    let closed_on = Arc::new(Mutex::new(None));
-    let node = Node::new(
-        Some(&uniq("closing")),
-        Box::new(Closing {
-            closed_on: closed_on.clone(),
-        }),
-        false,
-    )
-    .unwrap();
-    let b = Backend::with_options(node.clone(), &e.iothreads(), BackendOptions::default()).unwrap();
-    drop(node);
-    assert!(
-        closed_on.lock().is_none(),
-        "the backend still holds the node"
-    );
-    drop(b);
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while closed_on.lock().is_none() {
+    // A newer engine: nodes that fell back to the process-wide closer would go to its
+    // controller, not to `e`'s.
+    let newer = engine();
+    let ctl = e.controller().io_thread().clone();
+    let ctl_thread = ctl
+        .block_on(|| async { std::thread::current().id() })
+        .unwrap();
+    let other = e.iothread(1).unwrap();
+    assert_ne!(other.index(), ctl.index());
+    for on_controller in [true, false] {
+        let closed_on = Arc::new(Mutex::new(None));
+        let (c2, name) = (closed_on.clone(), uniq("closing"));
+        let make = move || Node::new(Some(&name), Box::new(Closing { closed_on: c2 }), false);
+        let node = if on_controller {
+            e.controller()
+                .change_blocking(move |_ctx| async move { make() })
+                .unwrap()
+        } else {
+            other
+                .block_on(move || async move { make() })
+                .unwrap()
+                .unwrap()
+        };
+        let b =
+            Backend::with_options(node.clone(), &e.iothreads(), BackendOptions::default()).unwrap();
+        drop(node);
         assert!(
-            std::time::Instant::now() < deadline,
-            "the node was never closed"
+            closed_on.lock().is_none(),
+            "the backend still holds the node"
         );
-        std::thread::sleep(Duration::from_millis(5));
+        drop(b);
+        let (index, thread) = wait_until("the node to be closed", || *closed_on.lock());
+        let made = if on_controller {
+            "by a change"
+        } else {
+            "on IoThread 1"
+        };
+        assert_eq!(
+            index,
+            Some(ctl.index()),
+            "a node made {made} was closed off this engine's controller IoThread"
+        );
+        assert_eq!(thread, ctl_thread, "a node made {made}");
     }
-    // Closed asynchronously, on an IoThread (the newest controller's; tests run several).
-    let on = closed_on.lock().unwrap();
-    assert!(on.is_some(), "closed off any IoThread");
+    drop(newer);
 }
 
 #[test]

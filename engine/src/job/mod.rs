@@ -1049,39 +1049,50 @@ impl JobCx {
         }
     }
 
-    /// Sleeps `d` (quiet meanwhile), waking early on cancel, pause or a speed change.
+    /// Sleeps `d` (quiet meanwhile), waking early on cancel, completion or a speed change. A
+    /// pause (the user's or a drain's) parks the job at a pause point and then it sleeps on
+    /// until `d` has passed, as QEMU's `block_job_ratelimit_sleep` keeps waiting when the job
+    /// is re-entered early: a drain never lets a rate-limited job copy ahead of its speed.
     pub async fn sleep(&self, d: Duration) {
-        {
-            let mut st = self.job.state.lock();
-            if st.force_cancel {
-                return;
-            }
-            st.busy = false;
-        }
-        self.job.went_quiet();
-        // Sleep in the ring's timer, in slices, so a cancel or pause is noticed promptly.
         let end = Instant::now() + d;
         loop {
-            let now = Instant::now();
-            if now >= end {
-                break;
+            {
+                let mut st = self.job.state.lock();
+                if st.force_cancel || st.should_complete || st.speed_changed {
+                    return;
+                }
+                st.busy = false;
             }
-            let step = (end - now).min(Duration::from_millis(20));
-            let _ = iothreads::op::sleep(step).await;
-            let st = self.job.state.lock();
-            if st.force_cancel || st.pause_count > 0 || st.should_complete || st.speed_changed {
-                break;
+            self.job.went_quiet();
+            // Sleep in the ring's timer, in slices, so a cancel or pause is noticed promptly.
+            let paused = loop {
+                let now = Instant::now();
+                if now >= end {
+                    break false;
+                }
+                let step = (end - now).min(Duration::from_millis(20));
+                let _ = iothreads::op::sleep(step).await;
+                let st = self.job.state.lock();
+                if st.force_cancel || st.should_complete || st.speed_changed {
+                    break false;
+                }
+                if st.pause_count > 0 {
+                    break true;
+                }
+            };
+            {
+                // Busy again only if no drain began meanwhile (else the pause point parks).
+                let mut st = self.job.state.lock();
+                if !paused && (st.pause_count == 0 || st.force_cancel) {
+                    st.busy = true;
+                    return;
+                }
             }
-        }
-        {
-            // Busy again only if no drain began meanwhile (else the pause point parks).
-            let mut st = self.job.state.lock();
-            if st.pause_count == 0 || st.force_cancel {
-                st.busy = true;
+            self.pause_point().await;
+            if Instant::now() >= end {
                 return;
             }
         }
-        self.pause_point().await;
     }
 
     /// Accounts `n` bytes copied against the speed limit, in 100 ms slices as QEMU's
