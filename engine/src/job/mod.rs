@@ -1058,7 +1058,7 @@ impl JobCx {
         loop {
             {
                 let mut st = self.job.state.lock();
-                if st.force_cancel || st.should_complete || st.speed_changed {
+                if st.force_cancel {
                     return;
                 }
                 st.busy = false;
@@ -1080,18 +1080,26 @@ impl JobCx {
                     break true;
                 }
             };
+            self.wake_up().await;
+            if !paused || Instant::now() >= end {
+                return;
+            }
+        }
+    }
+
+    /// Ends a quiet wait: busy again only in a critical section that sees no pause (so a
+    /// drain that begins later waits for the next pause point instead of counting the job
+    /// parked); while a pause is on, parks at the pause point first.
+    async fn wake_up(&self) {
+        loop {
             {
-                // Busy again only if no drain began meanwhile (else the pause point parks).
                 let mut st = self.job.state.lock();
-                if !paused && (st.pause_count == 0 || st.force_cancel) {
+                if st.pause_count == 0 || st.force_cancel {
                     st.busy = true;
                     return;
                 }
             }
             self.pause_point().await;
-            if Instant::now() >= end {
-                return;
-            }
         }
     }
 
