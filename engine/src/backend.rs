@@ -25,15 +25,14 @@ use std::collections::VecDeque;
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
 
 use crossbeam_utils::CachePadded;
-use graph::counter::PerThreadCounter;
 use graph::{
-    drain_event, BlockStatus, Edge, Error, ErrorKind, Node, Perm, Transaction, User, WriteFlags,
-    ZeroFlags,
+    drain_event, BlockStatus, Edge, Error, ErrorKind, Gate, Node, Perm, Transaction, User,
+    WriteFlags, ZeroFlags,
 };
 use iothreads::{BufResult, IoBuf, IoThreadHandle, MAX_IOTHREADS};
 use parking_lot::Mutex;
@@ -68,8 +67,8 @@ pub(crate) struct Inner {
     edge: Mutex<Option<Arc<Edge>>>,
     threads: Vec<IoThreadHandle>,
     holding: bool,
-    in_flight: PerThreadCounter,
-    quiesce: AtomicU32,
+    /// Requests in flight and the drains covering the backend.
+    gate: Gate,
     held: Box<[CachePadded<HeldSlot>]>,
     held_total: AtomicU64,
 }
@@ -110,11 +109,11 @@ impl User for Inner {
     }
 
     fn drained_begin(&self) {
-        self.quiesce.fetch_add(1, Ordering::SeqCst);
+        self.gate.begin();
     }
 
     fn drained_end(&self) {
-        if self.quiesce.fetch_sub(1, Ordering::SeqCst) == 1 {
+        if self.gate.end() {
             // Resume: wake the head of each IoThread's queue; each request, as it proceeds,
             // wakes the next one, so they enter in order.
             for slot in self.held.iter() {
@@ -128,7 +127,7 @@ impl User for Inner {
     }
 
     fn is_quiet(&self) -> bool {
-        self.in_flight.sum() == 0
+        self.gate.is_quiet()
     }
 }
 
@@ -187,8 +186,7 @@ impl Backend {
             edge: Mutex::new(None),
             threads: threads.to_vec(),
             holding: !opts.no_holding,
-            in_flight: PerThreadCounter::new(),
-            quiesce: AtomicU32::new(0),
+            gate: Gate::new(),
             held: (0..MAX_IOTHREADS)
                 .map(|_| {
                     CachePadded::new(HeldSlot {
@@ -244,7 +242,7 @@ impl Backend {
 
     /// Requests in flight through this backend.
     pub fn in_flight(&self) -> u64 {
-        self.inner.in_flight.sum()
+        self.inner.gate.in_flight()
     }
 
     /// Requests held so far by drains (a counter, for reports and tests).
@@ -254,7 +252,7 @@ impl Backend {
 
     /// Whether a drain holds this backend now.
     pub fn is_drained(&self) -> bool {
-        self.inner.quiesce.load(Ordering::SeqCst) > 0
+        self.inner.gate.is_draining()
     }
 
     fn check(&self, root: &Node, offset: u64, len: u64) -> io::Result<()> {
@@ -286,12 +284,14 @@ impl Backend {
     async fn enter(&self, t: usize) -> Entered<'_> {
         let inner = &*self.inner;
         if inner.held[t].len.load(Ordering::SeqCst) == 0 {
-            inner.in_flight.enter(t);
-            if !inner.holding || inner.quiesce.load(Ordering::SeqCst) == 0 {
+            if !inner.holding {
+                inner.gate.enter(t);
                 return Entered { inner, t };
             }
-            inner.in_flight.leave(t);
-            drain_event().notify();
+            // Counted in, or backed out (waking drainers) and held.
+            if inner.gate.try_enter(t, drain_event()) {
+                return Entered { inner, t };
+            }
         }
         inner.held_total.fetch_add(1, Ordering::Relaxed);
         Held::new(inner, t).await;
@@ -517,11 +517,9 @@ struct Entered<'a> {
 }
 
 impl Drop for Entered<'_> {
+    #[inline]
     fn drop(&mut self) {
-        self.inner.in_flight.leave(self.t);
-        if self.inner.quiesce.load(Ordering::SeqCst) > 0 {
-            drain_event().notify();
-        }
+        self.inner.gate.leave(self.t, drain_event());
     }
 }
 
@@ -562,21 +560,17 @@ impl Future for Held<'_> {
             }
         };
         let at_head = q.queue.front().is_some_and(|(t, _)| *t == ticket);
-        if at_head && inner.quiesce.load(Ordering::SeqCst) == 0 {
-            // Try to enter: count in flight, fence, and check the drain again.
-            inner.in_flight.enter(self.t);
-            if inner.quiesce.load(Ordering::SeqCst) == 0 {
-                q.queue.pop_front();
-                slot.len.fetch_sub(1, Ordering::SeqCst);
-                self.ticket = None;
-                // Let the next held request follow.
-                if let Some((_, Some(w))) = q.queue.front() {
-                    w.wake_by_ref();
-                }
-                return Poll::Ready(());
+        // At the head and no drain: try to enter (count in flight, check the drain again; if
+        // one began meanwhile, back out and wake its drainer).
+        if at_head && inner.gate.try_resume(self.t, drain_event()) {
+            q.queue.pop_front();
+            slot.len.fetch_sub(1, Ordering::SeqCst);
+            self.ticket = None;
+            // Let the next held request follow.
+            if let Some((_, Some(w))) = q.queue.front() {
+                w.wake_by_ref();
             }
-            inner.in_flight.leave(self.t);
-            drain_event().notify();
+            return Poll::Ready(());
         }
         if let Some(e) = q.queue.iter_mut().find(|(t, _)| *t == ticket) {
             e.1 = Some(cx.waker().clone());
@@ -593,7 +587,7 @@ impl Drop for Held<'_> {
         if let Some(i) = q.queue.iter().position(|(t, _)| *t == ticket) {
             q.queue.remove(i);
             slot.len.fetch_sub(1, Ordering::SeqCst);
-            if i == 0 && self.inner.quiesce.load(Ordering::SeqCst) == 0 {
+            if i == 0 && !self.inner.gate.is_draining() {
                 if let Some((_, Some(w))) = q.queue.front() {
                     w.wake_by_ref();
                 }

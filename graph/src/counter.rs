@@ -47,7 +47,8 @@ impl PerThreadCounter {
         self.slots[t].fetch_sub(1, Ordering::Release);
     }
 
-    /// The request half of the check-then-act protocol, going in: adds one, then orders every
+    /// The request half of the check-then-act protocol ([`crate::quiesce::Gate`] is its one
+    /// user on the request path), going in: adds one, then orders every
     /// later SeqCst load after the add, as a SeqCst fence would. Natively the SeqCst
     /// read-modify-write is that fence (one locked instruction on x86); loom, which weakens
     /// SeqCst operations, gets the explicit fence.

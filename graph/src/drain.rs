@@ -3,61 +3,27 @@
 //!
 //! `drained_begin(targets)` raises the quiesce counter of the targets and of every node above
 //! them (everything that can send them requests, as QEMU does since 8.0), tells every user
-//! above them (backends, jobs, exports) to stop, and fences. The section is quiesced when every
+//! above them (backends, jobs, exports) to stop. The section is quiesced when every
 //! one of those nodes has nothing in flight and every user says it is quiet. Waiting sleeps on a
 //! waker; a request leaving a quiesced node wakes it. `end` undoes exactly what `begin` did.
 //! Sections nest and overlap: the counters count.
 //!
-//! The protocol, for one node and one request:
-//! - request: in-flight += 1, fence(SeqCst) ... in-flight -= 1, fence(SeqCst), read quiesce,
-//!   wake the drainer if it is raised;
-//! - drainer: quiesce += 1, fence(SeqCst), register its waker, fence(SeqCst), read in-flight.
-//!
-//! If the request reads quiesce as zero, its fence came before the drainer's, so the drainer's
-//! read sees the decrement; otherwise it wakes the drainer, whose waker was registered before
-//! its read. Either way the last request cannot be missed.
+//! The protocol for one node or user and its requests is [`crate::quiesce`]'s: each node's
+//! [`Gate`](crate::quiesce::Gate) counts requests in and out and wakes the drainers through
+//! the [`DrainEvent`] when one leaves a quiesced gate; a drainer raises the gates, then looks,
+//! registers its waker and looks again ([`DrainEvent::poll_quiet`]). Each look fences before
+//! it reads ([`Gate::is_quiet`](crate::quiesce::Gate::is_quiet)), so [`drained_begin`] itself
+//! needs no fence.
 
 use std::collections::HashSet;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{fence, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::Arc;
 use std::task::{Context, Poll, Waker};
-
-use parking_lot::Mutex;
 
 use crate::edge::{Parent, User};
 use crate::node::Node;
-
-/// Wakes drainers when a request leaves a quiesced node or a user becomes quiet.
-pub struct DrainEvent {
-    waiters: Mutex<Vec<Waker>>,
-}
-
-/// The process's drain event.
-pub fn drain_event() -> &'static DrainEvent {
-    static E: OnceLock<DrainEvent> = OnceLock::new();
-    E.get_or_init(|| DrainEvent {
-        waiters: Mutex::new(Vec::new()),
-    })
-}
-
-impl DrainEvent {
-    /// Wakes every waiting drainer (they re-check their own sets).
-    pub fn notify(&self) {
-        let waiters = std::mem::take(&mut *self.waiters.lock());
-        for w in waiters {
-            w.wake();
-        }
-    }
-
-    fn register(&self, waker: &Waker) {
-        let mut ws = self.waiters.lock();
-        if !ws.iter().any(|w| w.will_wake(waker)) {
-            ws.push(waker.clone());
-        }
-    }
-}
+pub use crate::quiesce::{drain_event, DrainEvent};
 
 /// A drained section. Ends (undoing exactly what began) on [`Drained::end`] or drop.
 pub struct Drained {
@@ -114,12 +80,11 @@ fn ancestors(targets: &[Arc<Node>]) -> (Vec<Arc<Node>>, Vec<Arc<dyn User>>) {
 pub fn drained_begin(targets: &[Arc<Node>]) -> Drained {
     let (nodes, users) = ancestors(targets);
     for n in &nodes {
-        n.quiesce.fetch_add(1, Ordering::SeqCst);
+        n.gate.begin();
     }
     for u in &users {
         u.drained_begin();
     }
-    fence(Ordering::SeqCst);
     Drained {
         nodes,
         users,
@@ -128,10 +93,10 @@ pub fn drained_begin(targets: &[Arc<Node>]) -> Drained {
 }
 
 impl Drained {
-    /// Whether nothing is in flight in the section and every user is quiet.
+    /// Whether nothing is in flight in the section and every user is quiet. Each node's look
+    /// fences first ([`Gate::is_quiet`](crate::quiesce::Gate::is_quiet)).
     pub fn is_quiesced(&self) -> bool {
-        fence(Ordering::SeqCst);
-        self.nodes.iter().all(|n| n.in_flight() == 0) && self.users.iter().all(|u| u.is_quiet())
+        self.nodes.iter().all(|n| n.gate.is_quiet()) && self.users.iter().all(|u| u.is_quiet())
     }
 
     /// The nodes the section covers.
@@ -170,7 +135,7 @@ impl Drained {
             u.drained_end();
         }
         for n in &self.nodes {
-            if n.quiesce.fetch_sub(1, Ordering::SeqCst) == 1 {
+            if n.gate.end() {
                 let late = std::mem::take(&mut *n.late_users.lock());
                 for u in late.iter().filter_map(|w| w.upgrade()) {
                     u.drained_end();
@@ -203,14 +168,10 @@ impl Future for DrainWait<'_> {
     type Output = ();
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        if self.drained.is_quiesced() {
-            return Poll::Ready(());
+        if drain_event().poll_quiet(cx.waker(), || self.drained.is_quiesced()) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
-        drain_event().register(cx.waker());
-        // A request may have left between the check and the registration: look again.
-        if self.drained.is_quiesced() {
-            return Poll::Ready(());
-        }
-        Poll::Pending
     }
 }

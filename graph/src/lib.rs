@@ -20,6 +20,7 @@ pub mod lock;
 pub mod node;
 #[cfg(not(loom))]
 pub mod perm;
+pub mod quiesce;
 #[cfg(not(loom))]
 pub mod txn;
 
@@ -43,5 +44,6 @@ pub use node::{
 };
 #[cfg(not(loom))]
 pub use perm::Perm;
+pub use quiesce::{DrainEvent, Gate};
 #[cfg(not(loom))]
 pub use txn::{mutation, Mutation, Transaction};

@@ -1,11 +1,11 @@
 //! Nodes: a driver with a unique node-name, a length, read-only state, children and parents,
 //! and the in-flight counters through which every request passes.
 //!
-//! A request entering a node adds one to the node's counter for the current IoThread, ordered
-//! like a SeqCst fence ([`PerThreadCounter::enter`]); on the way out it subtracts one, ordered
-//! the same way, and if the node is quiesced it wakes the drainer. The drainer raises `quiesce`, fences, then reads the counters: one of
-//! the two sees the other, so a drain never misses a request and never sleeps through the last
-//! one leaving (see [`crate::drain`]).
+//! A request entering a node counts itself in flight on the node's [`Gate`] for the current
+//! IoThread ([`Gate::enter`]); on the way out it counts itself out and, if the node is
+//! quiesced, wakes the drainers ([`Gate::leave`]). The drainer raises the gate's quiesce
+//! counter, fences, then reads the counters: one of the two sees the other, so a drain never
+//! misses a request and never sleeps through the last one leaving (see [`crate::quiesce`]).
 //!
 //! Children are read by the I/O path under the graph lock's read side; parents are a weak list
 //! the controller reads. A node is kept alive by `Arc`s: its parents' edges, the users and jobs
@@ -15,7 +15,7 @@
 
 use std::collections::HashMap;
 use std::io;
-use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crossbeam_utils::CachePadded;
 use std::sync::{Arc, OnceLock, Weak};
@@ -23,21 +23,20 @@ use std::sync::{Arc, OnceLock, Weak};
 use iothreads::{BufResult, IoBuf};
 use parking_lot::Mutex;
 
-use crate::counter::PerThreadCounter;
-use crate::drain::drain_event;
 use crate::driver::{BlockStatus, Driver, WriteFlags, ZeroFlags};
 use crate::edge::{Edge, Role, User};
 use crate::error::{Error, ErrorKind, Result};
 use crate::lock::{graph_lock, GraphCell, WriteGuard};
 use crate::perm::Perm;
+use crate::quiesce::{drain_event, Gate};
 
 /// A node of the block graph.
 pub struct Node {
     name: String,
     driver: Option<Box<dyn Driver>>,
     read_only: AtomicBool,
-    in_flight: PerThreadCounter,
-    pub(crate) quiesce: AtomicU32,
+    /// Requests in flight through the node and the drains covering it.
+    pub(crate) gate: Gate,
     pub(crate) children: GraphCell<Vec<Arc<Edge>>>,
     pub(crate) parents: Mutex<Vec<Weak<Edge>>>,
     /// Users attached while the node was quiesced: drained once, released when the node's
@@ -132,10 +131,7 @@ struct InFlight<'a> {
 impl Drop for InFlight<'_> {
     #[inline]
     fn drop(&mut self) {
-        self.node.in_flight.leave(self.thread);
-        if self.node.quiesce.load(Ordering::SeqCst) > 0 {
-            drain_event().notify();
-        }
+        self.node.gate.leave(self.thread, drain_event());
     }
 }
 
@@ -262,8 +258,7 @@ impl Node {
             name: name.clone(),
             driver: Some(driver),
             read_only: AtomicBool::new(read_only),
-            in_flight: PerThreadCounter::new(),
-            quiesce: AtomicU32::new(0),
+            gate: Gate::new(),
             children: GraphCell::new(Vec::new()),
             parents: Mutex::new(Vec::new()),
             late_users: Mutex::new(Vec::new()),
@@ -377,17 +372,17 @@ impl Node {
 
     /// Requests in flight through this node, summed over IoThreads.
     pub fn in_flight(&self) -> u64 {
-        self.in_flight.sum()
+        self.gate.in_flight()
     }
 
     /// Requests in flight through this node on IoThread `thread`.
     pub fn in_flight_on(&self, thread: usize) -> u64 {
-        self.in_flight.get(thread)
+        self.gate.in_flight_on(thread)
     }
 
     /// How many drained sections cover this node now.
     pub fn quiesce_count(&self) -> u32 {
-        self.quiesce.load(Ordering::SeqCst)
+        self.gate.quiesce_count()
     }
 
     /// Request counters, summed over IoThreads.
@@ -517,7 +512,7 @@ impl Node {
     #[inline]
     fn enter(&self) -> io::Result<InFlight<'_>> {
         let thread = iothreads::current_index().ok_or_else(not_on_iothread)?;
-        self.in_flight.enter(thread);
+        self.gate.enter(thread);
         Ok(InFlight { node: self, thread })
     }
 
