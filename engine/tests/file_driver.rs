@@ -12,7 +12,8 @@ use std::time::{Duration, Instant};
 
 use common::{pattern_at, qemu_tool, uniq, Scratch};
 use engine::drivers::file::{self, Aio, FileDriver, FileOptions, Locking};
-use engine::{Backend, ErrorKind, IoBuf, IoThread, Node, ZeroFlags};
+use engine::{Backend, ErrorKind, IoBuf, IoThread, Node, Perm, ZeroFlags};
+use graph::{mutation, Role, Transaction, User};
 
 fn backend(node: Arc<Node>, t: &IoThread) -> Backend {
     Backend::new(node, &[t.handle()]).unwrap()
@@ -643,4 +644,310 @@ fn auto_read_only_falls_back_when_the_file_is_not_writable() {
     assert!(strict.is_err(), "a plain read-write open must fail");
     let n = n.unwrap();
     assert!(n.is_read_only(), "auto-read-only falls back to read-only");
+}
+
+// ---- reopen read-only <-> read-write inside a transaction ----
+
+const CR: Perm = Perm::CONSISTENT_READ;
+const W: Perm = Perm::WRITE;
+const WU: Perm = Perm::WRITE_UNCHANGED;
+
+struct Disk(String);
+impl User for Disk {
+    fn describe(&self) -> String {
+        format!("block device '{}'", self.0)
+    }
+}
+
+/// The descriptors this process holds open on `path`, each with its access mode (O_RDONLY,
+/// O_WRONLY or O_RDWR), read from /proc/self/fd and /proc/self/fdinfo: a reopen's
+/// descriptors as seen from outside the driver.
+fn fds_on(path: &str) -> Vec<(i32, i32)> {
+    let want = std::fs::canonicalize(path).unwrap();
+    let mut fds = Vec::new();
+    for ent in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        let Ok(fd) = ent.file_name().to_string_lossy().parse::<i32>() else {
+            continue;
+        };
+        if std::fs::read_link(ent.path()).ok().as_ref() != Some(&want) {
+            continue;
+        }
+        let Ok(info) = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")) else {
+            continue;
+        };
+        let flags = info
+            .lines()
+            .find_map(|l| l.strip_prefix("flags:"))
+            .map(|s| i32::from_str_radix(s.trim(), 8).unwrap())
+            .unwrap();
+        fds.push((fd, flags & libc::O_ACCMODE));
+    }
+    fds.sort();
+    fds
+}
+
+/// The image lock bytes (QEMU's 100-103 held, 200-203 not shared) someone holds on `path`,
+/// as another process would see them.
+fn lock_bytes(path: &str) -> Vec<i64> {
+    (100..104)
+        .chain(200..204)
+        .filter(|&b| byte_locked(path, b))
+        .collect()
+}
+
+/// A step that fails and changes nothing: making a node its own backing child.
+fn failing_step(tx: &mut Transaction<'_>, node: &Arc<Node>) {
+    let e = tx.attach_child(node, node, Role::Backing).unwrap_err();
+    assert!(e.to_string().contains("would create a cycle"), "{e}");
+}
+
+/// The reopen of `node` (with its user taking `perm` and sharing `shared` to match), as a
+/// transaction that is left open.
+fn reopen_step(
+    tx: &mut Transaction<'_>,
+    node: &Arc<Node>,
+    edge: &Arc<graph::Edge>,
+    read_only: bool,
+    perms: (Perm, Perm),
+) {
+    if read_only {
+        tx.update_perms(edge, perms.0, perms.1).unwrap();
+        tx.set_read_only(node, true).unwrap();
+    } else {
+        tx.set_read_only(node, false).unwrap();
+        tx.update_perms(edge, perms.0, perms.1).unwrap();
+    }
+}
+
+fn write_through(node: &Arc<Node>, t: &IoThread, offset: u64, data: &'static [u8]) {
+    let n = Arc::clone(node);
+    t.block_on(move || async move {
+        let (r, _) = n
+            .write(offset, IoBuf::from_slice(data), Default::default())
+            .await;
+        r
+    })
+    .unwrap()
+    .unwrap();
+}
+
+#[test]
+fn reopen_in_a_transaction_then_a_failing_step_leaves_descriptor_and_locks() {
+    let f = Scratch::new("reopen-tx").with_pattern(65536);
+    let path = f.path();
+    let t = IoThread::new().unwrap();
+    let node = file::open(&uniq("rt"), &FileOptions::new(&f.0)).unwrap();
+    let u: Arc<dyn User> = Arc::new(Disk("disk".into()));
+    let m = mutation();
+    let mut tx = Transaction::new(&m);
+    let e = tx.attach_user(&u, &node, CR | W, CR | WU).unwrap();
+    tx.commit().unwrap();
+    let rw = (CR | W, CR | WU);
+    let ro = (CR, CR | WU);
+
+    // Read-write -> read-only, then a step that fails.
+    let fds = fds_on(path);
+    assert_eq!(fds.len(), 1);
+    assert_eq!(fds[0].1, libc::O_RDWR);
+    assert_eq!(lock_bytes(path), [100, 101, 201, 203]);
+    let state = driver(&node).lock_state();
+    {
+        let mut tx = Transaction::new(&m);
+        reopen_step(&mut tx, &node, &e, true, ro);
+        let during = fds_on(path);
+        assert_eq!(
+            during.len(),
+            2,
+            "a prepared read-only descriptor: {during:?}"
+        );
+        assert!(during.contains(&fds[0]));
+        assert!(during
+            .iter()
+            .any(|&(fd, mode)| fd != fds[0].0 && mode == libc::O_RDONLY));
+        failing_step(&mut tx, &node);
+    }
+    assert_eq!(fds_on(path), fds, "the read-write descriptor, and only it");
+    assert_eq!(lock_bytes(path), [100, 101, 201, 203]);
+    assert_eq!(driver(&node).lock_state(), state);
+    assert!(!node.is_read_only());
+    assert_eq!(e.perms(), rw);
+    assert_eq!(node.cumulative_perms(), rw);
+    // Requests still go to a writable descriptor.
+    write_through(&node, &t, 10, b"still rw");
+    assert_eq!(&std::fs::read(path).unwrap()[10..18], b"still rw");
+
+    // The same reopen committed: one read-only descriptor, and the write locks are gone.
+    let mut tx = Transaction::new(&m);
+    reopen_step(&mut tx, &node, &e, true, ro);
+    tx.commit().unwrap();
+    let fds = fds_on(path);
+    assert_eq!(fds.len(), 1);
+    assert_eq!(fds[0].1, libc::O_RDONLY);
+    assert_eq!(lock_bytes(path), [100, 201, 203]);
+    assert!(node.is_read_only());
+
+    // Read-only -> read-write, then a step that fails.
+    let state = driver(&node).lock_state();
+    {
+        let mut tx = Transaction::new(&m);
+        reopen_step(&mut tx, &node, &e, false, rw);
+        let during = fds_on(path);
+        assert_eq!(
+            during.len(),
+            2,
+            "a prepared read-write descriptor: {during:?}"
+        );
+        assert!(during.contains(&fds[0]));
+        assert!(during
+            .iter()
+            .any(|&(fd, mode)| fd != fds[0].0 && mode == libc::O_RDWR));
+        failing_step(&mut tx, &node);
+    }
+    assert_eq!(fds_on(path), fds, "the read-only descriptor, and only it");
+    assert_eq!(lock_bytes(path), [100, 201, 203]);
+    assert_eq!(driver(&node).lock_state(), state);
+    assert!(node.is_read_only());
+    assert_eq!(e.perms(), ro);
+    assert_eq!(node.cumulative_perms(), ro);
+
+    // And committed: read-write again, with the write locks back.
+    let mut tx = Transaction::new(&m);
+    reopen_step(&mut tx, &node, &e, false, rw);
+    tx.commit().unwrap();
+    let fds = fds_on(path);
+    assert_eq!(fds.len(), 1);
+    assert_eq!(fds[0].1, libc::O_RDWR);
+    assert_eq!(lock_bytes(path), [100, 101, 201, 203]);
+    write_through(&node, &t, 20, b"rw again");
+    assert_eq!(&std::fs::read(path).unwrap()[20..28], b"rw again");
+}
+
+/// Reopens a read-only file node read-write for a user that then wants to write, while
+/// `holder` (started first, on the same image) does not share write: the commit is refused
+/// with QEMU's lock error, and the descriptors, the locks and the graph are as before. Once
+/// the holder is gone the same change succeeds.
+fn reopen_read_write_refused_while<'a>(
+    f: &Scratch,
+    holder: impl FnOnce() -> Box<dyn FnOnce() + 'a>,
+) {
+    let path = f.path();
+    let release = holder();
+    let ro_opts = FileOptions {
+        read_only: true,
+        ..FileOptions::new(&f.0)
+    };
+    let node = file::open(&uniq("rr"), &ro_opts).unwrap();
+    let u: Arc<dyn User> = Arc::new(Disk("disk".into()));
+    let m = mutation();
+    let mut tx = Transaction::new(&m);
+    let e = tx.attach_user(&u, &node, CR, Perm::ALL).unwrap();
+    tx.commit().unwrap();
+    let ro = (CR, Perm::ALL);
+
+    let fds = fds_on(path);
+    let locks = lock_bytes(path);
+    assert!(
+        locks.contains(&201),
+        "the holder does not share write: {locks:?}"
+    );
+    let state = driver(&node).lock_state();
+    let before = (node.is_read_only(), e.perms(), node.cumulative_perms());
+    assert_eq!(before, (true, ro, ro));
+
+    let mut tx = Transaction::new(&m);
+    reopen_step(&mut tx, &node, &e, false, (CR | W, CR | WU));
+    let err = tx.commit().unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::PermissionConflict);
+    assert_eq!(
+        err.message(),
+        format!("Failed to get \"write\" lock. Is another process using the image [{path}]?")
+    );
+    assert_eq!(
+        fds_on(path),
+        fds,
+        "the prepared descriptor is gone, ours is kept"
+    );
+    assert_eq!(lock_bytes(path), locks);
+    assert_eq!(driver(&node).lock_state(), state);
+    assert_eq!(
+        (node.is_read_only(), e.perms(), node.cumulative_perms()),
+        before
+    );
+
+    // Without the holder (gone with its descriptor), only our read lock is left, and the
+    // reopen goes through. (Its close takes the mutation lock, on its IoThread.)
+    drop(m);
+    release();
+    let m = mutation();
+    assert_eq!(lock_bytes(path), [100], "our read lock, nothing more");
+    let mut tx = Transaction::new(&m);
+    reopen_step(&mut tx, &node, &e, false, (CR | W, CR | WU));
+    tx.commit().unwrap();
+    let after = fds_on(path);
+    assert_eq!(after.len(), 1);
+    assert_eq!(after[0].1, libc::O_RDWR);
+    assert_eq!(lock_bytes(path), [100, 101, 201, 203]);
+    assert!(!node.is_read_only());
+}
+
+#[test]
+fn reopen_read_write_is_refused_at_commit_while_an_independent_open_unshares_write() {
+    let f = Scratch::new("reopen-held").with_pattern(65536);
+    let t = IoThread::new().unwrap();
+    let opts = FileOptions {
+        read_only: true,
+        ..FileOptions::new(&f.0)
+    };
+    reopen_read_write_refused_while(&f, || {
+        // A read-only guest device: reads consistently, shares neither write nor resize.
+        let node = file::open(&uniq("other"), &opts).unwrap();
+        let other = Backend::with_options(
+            Arc::clone(&node),
+            &[t.handle()],
+            engine::BackendOptions {
+                read_only: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
+        Box::new(move || {
+            drop(other);
+            // Closed here and now, not by the closer later: its descriptor is gone on return.
+            assert_eq!(Arc::strong_count(&node), 1);
+            t.block_on(move || node.close_if_last()).unwrap().unwrap();
+        })
+    });
+}
+
+#[test]
+fn reopen_read_write_is_refused_at_commit_while_qemu_reads_a_qcow2() {
+    let Some(qemu_io) = qemu_tool("qemu-io") else {
+        return;
+    };
+    let Some(qemu_img) = qemu_tool("qemu-img") else {
+        return;
+    };
+    let f = Scratch::new("reopen-qemu");
+    let out = Command::new(qemu_img)
+        .args(["create", "-f", "qcow2", f.path(), "1M"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let path = f.path().to_string();
+    reopen_read_write_refused_while(&f, move || {
+        // Another process: a qcow2 reader does not share write on its file.
+        let child = Command::new(qemu_io)
+            .args(["-r", "-f", "qcow2", &path])
+            .stdin(Stdio::piped())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !byte_locked(&path, 201) {
+            assert!(Instant::now() < deadline, "qemu-io never locked {path}");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Box::new(move || stop(child))
+    });
 }

@@ -292,22 +292,39 @@ impl<'m> Transaction<'m> {
     }
 
     /// Points every parent edge of `old` at `new`, except the edges held by `new` itself and
-    /// by `skip` (an inserted filter's own edge to `old`).
+    /// by `skip` (an inserted filter's own edge to `old`). All or nothing: a frozen edge among
+    /// them is refused before any changes, with QEMU's words (`bdrv_replace_node`: "Cannot
+    /// change 'backing' link to 'old'"), and any other refusal undoes the edges changed
+    /// before it.
     pub fn replace_node(
         &mut self,
         old: &Arc<Node>,
         new: &Arc<Node>,
         skip: Option<&Arc<Node>>,
     ) -> Result<()> {
-        for e in old.parents() {
-            if let Some(p) = e.parent().node() {
-                if Arc::ptr_eq(&p, new) || skip.is_some_and(|s| Arc::ptr_eq(&p, s)) {
-                    continue;
-                }
-            }
-            self.set_child(&e, new)?;
+        if Arc::ptr_eq(old, new) {
+            return Ok(());
         }
-        Ok(())
+        let edges: Vec<Arc<Edge>> = old
+            .parents()
+            .into_iter()
+            .filter(|e| match e.parent().node() {
+                Some(p) => !(Arc::ptr_eq(&p, new) || skip.is_some_and(|s| Arc::ptr_eq(&p, s))),
+                None => true,
+            })
+            .collect();
+        if let Some(e) = edges.iter().find(|e| e.is_frozen()) {
+            return Err(Error::new(
+                ErrorKind::Frozen,
+                format!("Cannot change '{}' link to '{}'", e.name(), old.name()),
+            ));
+        }
+        self.all_or_nothing(|tx| {
+            for e in &edges {
+                tx.set_child(e, new)?;
+            }
+            Ok(())
+        })
     }
 
     /// Puts `filter` (whose filtered child is already `below`) above `below` under all of
@@ -338,8 +355,10 @@ impl<'m> Transaction<'m> {
             ));
         };
         let child = edge.child();
-        self.replace_node(filter, &child, None)?;
-        self.detach(&edge)
+        self.all_or_nothing(|tx| {
+            tx.replace_node(filter, &child, None)?;
+            tx.detach(&edge)
+        })
     }
 
     /// Freezes an edge for a job; refused if another job froze it already, or if it leads to
@@ -399,6 +418,39 @@ impl<'m> Transaction<'m> {
         Ok(())
     }
 
+    /// Changes what a user's edge takes (`perm`) and lets others take (`shared`), as QEMU's
+    /// `bdrv_child_try_set_perm` does for a user's root child. The edge changes at once and
+    /// goes back if the transaction does not commit; the new permissions are checked against
+    /// the node's other parents at commit, by the permission refresh of the whole graph (a
+    /// conflict names both users and the permission; a read-only node refuses write and
+    /// resize), which also moves the image locks. A frozen edge may change its permissions
+    /// (freezing keeps its child, not its permissions). Only a user's edge has permissions of
+    /// its own: a node's edges take what the parent's driver derives at every refresh
+    /// ([`crate::Driver::child_perms`]), so changing one is refused.
+    pub fn update_perms(&mut self, edge: &Arc<Edge>, perm: Perm, shared: Perm) -> Result<()> {
+        if let Parent::Node(_) = edge.parent() {
+            return Err(Error::new(
+                ErrorKind::InvalidArgument,
+                format!(
+                    "Cannot set the permissions of '{}' link from '{}' to '{}': the parent's \
+                     driver derives them",
+                    edge.name(),
+                    parent_name(edge.parent()),
+                    edge.child().name()
+                ),
+            ));
+        }
+        let old = edge.perms();
+        if old == (perm, shared) {
+            return Ok(());
+        }
+        edge.set_perms(perm, shared);
+        let e = Arc::clone(edge);
+        self.undo.push(Box::new(move || e.set_perms(old.0, old.1)));
+        self.perms_dirty = true;
+        Ok(())
+    }
+
     /// Asks for a permission refresh at commit even if no step changed the structure.
     pub fn refresh_perms(&mut self) {
         self.perms_dirty = true;
@@ -418,6 +470,22 @@ impl<'m> Transaction<'m> {
             f();
         }
         Ok(())
+    }
+
+    /// Runs `f` as one step made of several: if it fails, what it applied is undone at once,
+    /// so the failed step leaves the graph as it was before it (the earlier steps stay).
+    fn all_or_nothing(&mut self, f: impl FnOnce(&mut Self) -> Result<()>) -> Result<()> {
+        let (undo, on_commit) = (self.undo.len(), self.on_commit.len());
+        let r = f(self);
+        if r.is_err() {
+            while self.undo.len() > undo {
+                if let Some(u) = self.undo.pop() {
+                    u();
+                }
+            }
+            self.on_commit.truncate(on_commit);
+        }
+        r
     }
 
     fn abort(&mut self) {

@@ -176,7 +176,7 @@ fn shape(nodes: &[&Arc<Node>]) -> Vec<String> {
             let parents: Vec<String> = n
                 .parents()
                 .iter()
-                .map(|e| format!("{}<-{}", e.name(), e.parent().describe()))
+                .map(|e| format!("{}<-{}:{:?}", e.name(), e.parent().describe(), e.perms()))
                 .collect();
             format!(
                 "{} ro={} perms={:?} kids={kids:?} parents={parents:?}",
@@ -391,13 +391,41 @@ fn cycles_are_refused() {
 #[test]
 fn node_names_are_checked_and_unique() {
     let name = uniq("dup");
-    let a = Node::new(Some(&name), Box::new(Leaf { len: 1 }), false).unwrap();
+    // The first holder of the name, in a graph: a file child below it and a user above it.
+    let a = Node::new(Some(&name), Box::new(Format), false).unwrap();
+    let a_file = leaf("dupf");
+    let u = user("dup");
+    let m = mutation();
+    let mut tx = Transaction::new(&m);
+    tx.attach_child(&a, &a_file, Role::File).unwrap();
+    let ea = tx
+        .attach_user(&u, &a, Perm::CONSISTENT_READ, Perm::ALL)
+        .unwrap();
+    tx.commit().unwrap();
+    let before = shape(&[&a, &a_file]);
     let e = Node::new(Some(&name), Box::new(Leaf { len: 1 }), false).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::AlreadyExists);
     assert_eq!(
         e.to_string(),
         format!("Duplicate nodes with node-name='{name}'")
     );
+    // The refused node took nothing: the name still finds the first node, which is the only
+    // node of that name, and the graph around it is as it was.
+    let found = graph::find_node(&name).expect("the name still finds its node");
+    assert!(Arc::ptr_eq(&found, &a), "the name finds the first node");
+    drop(found);
+    let named: Vec<Arc<Node>> = graph::all_nodes()
+        .into_iter()
+        .filter(|n| n.name() == name)
+        .collect();
+    assert_eq!(named.len(), 1);
+    assert!(Arc::ptr_eq(&named[0], &a));
+    drop(named);
+    assert_eq!(shape(&[&a, &a_file]), before);
+    let mut tx = Transaction::new(&m);
+    tx.detach(&ea).unwrap();
+    tx.commit().unwrap();
+    drop((ea, u, a_file));
     for bad in ["1abc", "", "a b", "#block1", &"x".repeat(40)] {
         assert!(
             Node::new(Some(bad), Box::new(Leaf { len: 1 }), false).is_err(),
@@ -511,10 +539,15 @@ fn check_rollback(name: &str, step: impl FnOnce(&mut Transaction<'_>, &Chain, &A
     let before = shape(&[&c.top, &c.top_file, &c.base, &c.base_file, &spare]);
     {
         let m = mutation();
+        // As the engine's changes do: the nodes whose children change are drained for the
+        // whole transaction, its rollback included.
+        let drained =
+            graph::drained_begin(&[Arc::clone(&c.top), Arc::clone(&c.base), Arc::clone(&spare)]);
         let mut tx = Transaction::new(&m);
         step(&mut tx, &c, &spare);
         failing_step(&mut tx, &frozen);
         drop(tx); // not committed: everything is undone
+        drained.end();
     }
     let after = shape(&[&c.top, &c.top_file, &c.base, &c.base_file, &spare]);
     assert_eq!(after, before, "rollback of {name}");
@@ -632,4 +665,383 @@ fn a_failing_permission_refresh_undoes_every_step() {
         shape(&[&c.top, &c.top_file, &c.base, &c.base_file, &spare]),
         before
     );
+}
+
+// ---- update_perms: a user's permissions changed as a step ----
+
+/// A committed user edge on `n`.
+fn attached(u: &Arc<dyn User>, n: &Arc<Node>, perm: Perm, shared: Perm) -> Arc<graph::Edge> {
+    let m = mutation();
+    let mut tx = Transaction::new(&m);
+    let e = tx.attach_user(u, n, perm, shared).unwrap();
+    tx.commit().unwrap();
+    e
+}
+
+const CR: Perm = Perm::CONSISTENT_READ;
+const W: Perm = Perm::WRITE;
+const WU: Perm = Perm::WRITE_UNCHANGED;
+
+#[test]
+fn update_perms_changes_what_a_user_takes_at_commit() {
+    let c = chain();
+    let u = user("upd");
+    let e = attached(&u, &c.top, CR, Perm::ALL);
+    assert_eq!(c.top.cumulative_perms(), (CR, Perm::ALL));
+    let m = mutation();
+    let mut tx = Transaction::new(&m);
+    tx.update_perms(&e, CR | W, CR | WU).unwrap();
+    assert_eq!(e.perms(), (CR | W, CR | WU), "the step applies at once");
+    tx.commit().unwrap();
+    assert_eq!(e.perms(), (CR | W, CR | WU));
+    assert_eq!(c.top.cumulative_perms(), (CR | W, CR | WU));
+    // The change reaches below, as any permission refresh does: top reads its backing now.
+    assert_eq!(c.top.child_edge(Role::Backing).unwrap().perms().0, CR);
+    // And it binds: a second writer is refused, since the first no longer shares write.
+    let v = user("upd2");
+    let mut tx = Transaction::new(&m);
+    let _ev = tx.attach_user(&v, &c.top, CR | W, Perm::ALL).unwrap();
+    assert_eq!(
+        tx.commit().unwrap_err().kind(),
+        ErrorKind::PermissionConflict
+    );
+}
+
+#[test]
+fn rollback_update_perms() {
+    let c = chain();
+    let spare = format("spare");
+    let u = user("upd");
+    let e = attached(&u, &c.top, CR | W, CR | WU);
+    let frozen = chain();
+    let nodes = [&c.top, &c.top_file, &c.base, &c.base_file, &spare];
+    let before = shape(&nodes);
+    {
+        let m = mutation();
+        let mut tx = Transaction::new(&m);
+        tx.update_perms(&e, CR, Perm::ALL).unwrap();
+        assert_eq!(e.perms(), (CR, Perm::ALL));
+        failing_step(&mut tx, &frozen);
+    }
+    assert_eq!(
+        e.perms(),
+        (CR | W, CR | WU),
+        "the edge's permissions are back"
+    );
+    assert_eq!(shape(&nodes), before, "rollback of update_perms");
+    // Nothing of the undone change is left to apply later.
+    let m = mutation();
+    let mut tx = Transaction::new(&m);
+    tx.refresh_perms();
+    tx.commit().unwrap();
+    assert_eq!(shape(&nodes), before);
+}
+
+#[test]
+fn update_perms_conflicts_name_both_users_and_change_nothing() {
+    let n = leaf("upc");
+    let a = user("a");
+    let b = user("b");
+    let ea = attached(&a, &n, CR, Perm::ALL);
+    let eb = attached(&b, &n, CR, CR | WU);
+    let before = shape(&[&n]);
+    let perms = (ea.perms(), eb.perms(), n.cumulative_perms());
+    let m = mutation();
+    // a wants to write, which b does not share.
+    let mut tx = Transaction::new(&m);
+    tx.update_perms(&ea, CR | W, Perm::ALL).unwrap();
+    let e = tx.commit().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionConflict);
+    let node = n.name();
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "Permission conflict on node '{node}': permissions 'write' are both required by \
+             block device 'a' (uses node '{node}' as 'root' child) and unshared by block \
+             device 'b' (uses node '{node}' as 'root' child)."
+        )
+    );
+    assert_eq!((ea.perms(), eb.perms(), n.cumulative_perms()), perms);
+    assert_eq!(shape(&[&n]), before);
+    // b stops sharing consistent reads, which a takes.
+    let mut tx = Transaction::new(&m);
+    tx.update_perms(&eb, CR, WU).unwrap();
+    let e = tx.commit().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionConflict);
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "Permission conflict on node '{node}': permissions 'consistent read' are both \
+             required by block device 'a' (uses node '{node}' as 'root' child) and unshared by \
+             block device 'b' (uses node '{node}' as 'root' child)."
+        )
+    );
+    assert_eq!((ea.perms(), eb.perms(), n.cumulative_perms()), perms);
+    assert_eq!(shape(&[&n]), before);
+    // A read-only node refuses a writer as well.
+    let r = leaf("upr");
+    let mut tx = Transaction::new(&m);
+    tx.set_read_only(&r, true).unwrap();
+    tx.commit().unwrap();
+    let c = user("c");
+    let ec = attached(&c, &r, CR, Perm::ALL);
+    let before = shape(&[&r]);
+    let mut tx = Transaction::new(&m);
+    tx.update_perms(&ec, CR | W, Perm::ALL).unwrap();
+    let e = tx.commit().unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::PermissionConflict);
+    assert_eq!(
+        e.to_string(),
+        format!("Block node '{}' is read-only", r.name())
+    );
+    assert_eq!(ec.perms(), (CR, Perm::ALL));
+    assert_eq!(shape(&[&r]), before);
+}
+
+#[test]
+fn update_perms_refuses_a_nodes_edge() {
+    // A node's edges take what its driver derives at every refresh: not settable.
+    let c = chain();
+    let before = shape(&c.all());
+    let e = c.top.child_edge(Role::File).unwrap();
+    let m = mutation();
+    let mut tx = Transaction::new(&m);
+    let err = tx.update_perms(&e, Perm::NONE, Perm::ALL).unwrap_err();
+    assert_eq!(err.kind(), ErrorKind::InvalidArgument);
+    assert_eq!(
+        err.to_string(),
+        format!(
+            "Cannot set the permissions of 'file' link from '{}' to '{}': the parent's driver \
+             derives them",
+            c.top.name(),
+            c.top_file.name()
+        )
+    );
+    assert_eq!(shape(&c.all()), before);
+    tx.commit().unwrap();
+    assert_eq!(shape(&c.all()), before);
+}
+
+// ---- reopen read-write, undone ----
+
+/// A leaf that records the reopen calls its node gets.
+struct RecLeaf(Arc<std::sync::Mutex<Vec<&'static str>>>);
+
+impl Driver for RecLeaf {
+    fn driver_name(&self) -> &'static str {
+        "rec-leaf"
+    }
+    fn length(&self, _: &Node) -> u64 {
+        1 << 20
+    }
+    fn reopen_prepare(&self, read_only: bool) -> graph::Result<()> {
+        self.0.lock().unwrap().push(if read_only {
+            "prepare ro"
+        } else {
+            "prepare rw"
+        });
+        Ok(())
+    }
+    fn reopen_commit(&self) {
+        self.0.lock().unwrap().push("commit");
+    }
+    fn reopen_abort(&self) {
+        self.0.lock().unwrap().push("abort");
+    }
+    plain_io!();
+}
+
+#[test]
+fn rollback_reopen_read_write() {
+    // A read-only format over a read-only file, read by a user; both are reopened read-write,
+    // then a later step fails.
+    let log = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let top = Node::new(Some(&uniq("rtop")), Box::new(Format), true).unwrap();
+    let file = Node::new(
+        Some(&uniq("rfile")),
+        Box::new(RecLeaf(Arc::clone(&log))),
+        true,
+    )
+    .unwrap();
+    let u = user("reader");
+    let m = mutation();
+    let mut tx = Transaction::new(&m);
+    tx.attach_child(&top, &file, Role::File).unwrap();
+    let _e = tx.attach_user(&u, &top, CR, Perm::ALL).unwrap();
+    tx.commit().unwrap();
+    let (p, _) = top.child_edge(Role::File).unwrap().perms();
+    assert_eq!(p, CR, "a read-only format only reads its file");
+    let frozen = chain();
+    let before = shape(&[&top, &file]);
+    {
+        let mut tx = Transaction::new(&m);
+        tx.set_read_only(&file, false).unwrap();
+        tx.set_read_only(&top, false).unwrap();
+        assert!(!file.is_read_only() && !top.is_read_only());
+        failing_step(&mut tx, &frozen);
+    }
+    assert!(file.is_read_only() && top.is_read_only());
+    assert_eq!(
+        shape(&[&top, &file]),
+        before,
+        "rollback of reopen read-write"
+    );
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["prepare rw", "abort"],
+        "the prepared reopen is aborted, never committed"
+    );
+    // The same reopen committed: the format now writes its file.
+    let mut tx = Transaction::new(&m);
+    tx.set_read_only(&file, false).unwrap();
+    tx.set_read_only(&top, false).unwrap();
+    tx.commit().unwrap();
+    assert_eq!(
+        *log.lock().unwrap(),
+        ["prepare rw", "abort", "prepare rw", "commit"]
+    );
+    assert!(file.cumulative_perms().0.contains(W));
+}
+
+// ---- frozen edges refuse replace_node, insert_filter and drop_filter ----
+
+/// Freezes `e` in a transaction of its own.
+fn frozen_edge(e: &Arc<graph::Edge>) {
+    e_freeze(e);
+    assert!(e.is_frozen());
+}
+
+#[test]
+fn replace_node_refuses_a_frozen_edge_and_changes_nothing() {
+    // base has two parents: top (free) and other (frozen), in that order, so that a step
+    // that changed edges one at a time would have moved top's before meeting other's.
+    let c = chain();
+    let other = format("other");
+    let spare = format("spare");
+    let m = mutation();
+    let mut tx = Transaction::new(&m);
+    tx.attach_child(&other, &c.base, Role::Backing).unwrap();
+    tx.commit().unwrap();
+    frozen_edge(&other.child_edge(Role::Backing).unwrap());
+    let nodes = [&c.top, &c.top_file, &c.base, &c.base_file, &other, &spare];
+    let before = shape(&nodes);
+    let mut tx = Transaction::new(&m);
+    let e = tx.replace_node(&c.base, &spare, None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Frozen);
+    assert_eq!(
+        e.to_string(),
+        format!("Cannot change 'backing' link to '{}'", c.base.name())
+    );
+    assert_eq!(shape(&nodes), before, "the failed step left nothing");
+    drop(tx);
+    assert_eq!(shape(&nodes), before);
+}
+
+#[test]
+fn replace_node_refused_midway_changes_nothing() {
+    // base's parents: top, then x; new sits above x, so pointing x's edge at new would make
+    // a cycle. top's edge comes first and would be changed before the refusal is met.
+    let c = chain();
+    let x = format("x");
+    let new = format("new");
+    let m = mutation();
+    let mut tx = Transaction::new(&m);
+    tx.attach_child(&x, &c.base, Role::Backing).unwrap();
+    tx.attach_child(&new, &x, Role::Backing).unwrap();
+    tx.commit().unwrap();
+    let nodes = [&c.top, &c.base, &x, &new];
+    let before = shape(&nodes);
+    let mut tx = Transaction::new(&m);
+    let e = tx.replace_node(&c.base, &new, None).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "Making '{}' a backing child of '{}' would create a cycle",
+            new.name(),
+            x.name()
+        )
+    );
+    assert_eq!(shape(&nodes), before, "the failed step left nothing");
+    // Nothing of it is left to commit either.
+    tx.commit().unwrap();
+    assert_eq!(shape(&nodes), before);
+}
+
+#[test]
+fn insert_filter_refuses_a_frozen_edge_and_changes_nothing() {
+    let c = chain();
+    let f = filter_over("f", &c.base);
+    let other = format("other");
+    let m = mutation();
+    let mut tx = Transaction::new(&m);
+    tx.attach_child(&other, &c.base, Role::Backing).unwrap();
+    tx.commit().unwrap();
+    frozen_edge(&other.child_edge(Role::Backing).unwrap());
+    let nodes = [&c.top, &c.base, &c.base_file, &f, &other];
+    let before = shape(&nodes);
+    let mut tx = Transaction::new(&m);
+    let e = tx.insert_filter(&f, &c.base).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Frozen);
+    assert_eq!(
+        e.to_string(),
+        format!("Cannot change 'backing' link to '{}'", c.base.name())
+    );
+    assert_eq!(shape(&nodes), before, "the failed step left nothing");
+    drop(tx);
+    assert_eq!(shape(&nodes), before);
+    assert!(Arc::ptr_eq(&c.top.backing().unwrap(), &c.base));
+}
+
+#[test]
+fn drop_filter_refuses_a_frozen_edge_and_changes_nothing() {
+    // top -> f -> base, and other -> f: a frozen link into the filter, then the filter's own
+    // link frozen instead.
+    let c = chain();
+    let f = filter_over("f", &c.base);
+    let other = format("other");
+    let m = mutation();
+    let mut tx = Transaction::new(&m);
+    tx.insert_filter(&f, &c.base).unwrap();
+    tx.attach_child(&other, &f, Role::Backing).unwrap();
+    tx.commit().unwrap();
+    assert!(Arc::ptr_eq(&c.top.backing().unwrap(), &f));
+    let into_f = other.child_edge(Role::Backing).unwrap();
+    let own = f.child_edge(Role::Filtered).unwrap();
+    let nodes = [&c.top, &c.base, &c.base_file, &f, &other];
+
+    frozen_edge(&into_f);
+    let before = shape(&nodes);
+    let mut tx = Transaction::new(&m);
+    let e = tx.drop_filter(&f).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Frozen);
+    assert_eq!(
+        e.to_string(),
+        format!("Cannot change 'backing' link to '{}'", f.name())
+    );
+    assert_eq!(shape(&nodes), before, "the failed step left nothing");
+    drop(tx);
+    assert_eq!(shape(&nodes), before);
+
+    let mut tx = Transaction::new(&m);
+    tx.set_frozen(&into_f, false);
+    tx.set_frozen(&own, true);
+    tx.commit().unwrap();
+    let before = shape(&nodes);
+    let mut tx = Transaction::new(&m);
+    let e = tx.drop_filter(&f).unwrap_err();
+    assert_eq!(e.kind(), ErrorKind::Frozen);
+    assert_eq!(
+        e.to_string(),
+        format!(
+            "Cannot change 'file' link from '{}' to '{}'",
+            f.name(),
+            c.base.name()
+        )
+    );
+    assert_eq!(shape(&nodes), before, "the failed step left nothing");
+    drop(tx);
+    assert_eq!(shape(&nodes), before);
+    assert!(Arc::ptr_eq(&c.top.backing().unwrap(), &f));
+    assert!(Arc::ptr_eq(&other.backing().unwrap(), &f));
 }
