@@ -1045,3 +1045,61 @@ fn drop_filter_refuses_a_frozen_edge_and_changes_nothing() {
     assert!(Arc::ptr_eq(&c.top.backing().unwrap(), &f));
     assert!(Arc::ptr_eq(&other.backing().unwrap(), &f));
 }
+
+/// The write side's rule: the children of a node that something reaches change only inside a
+/// drained section; outside one every such step is refused before it changes anything, and a
+/// node nothing reaches yet (one being opened) is edited freely.
+#[test]
+fn reachable_nodes_change_only_while_drained() {
+    let c = chain();
+    let u = user("guest");
+    // The user keeps its edge, as a backend does.
+    let _edge = {
+        let m = mutation();
+        let mut tx = Transaction::new(&m);
+        let e = tx
+            .attach_user(&u, &c.top, Perm::CONSISTENT_READ, Perm::ALL)
+            .unwrap();
+        tx.commit().unwrap();
+        e
+    };
+    let (spare, other) = (leaf("spare"), format("other"));
+    let before = shape(&[&c.top, &c.top_file, &c.base, &c.base_file, &spare, &other]);
+    let busy = |r: graph::Result<()>, node: &Arc<Node>| {
+        let e = r.unwrap_err();
+        assert_eq!(e.kind(), ErrorKind::Busy, "{e}");
+        assert_eq!(
+            e.to_string(),
+            format!(
+                "Cannot change the children of '{}' outside a drained section",
+                node.name()
+            )
+        );
+    };
+    {
+        let m = mutation();
+        let mut tx = Transaction::new(&m);
+        busy(
+            tx.attach_child(&c.base, &spare, Role::Backing).map(drop),
+            &c.base,
+        );
+        busy(tx.detach(&c.base.child_edge(Role::File).unwrap()), &c.base);
+        busy(tx.set_backing(&c.top, Some(&other)), &c.top);
+        // The user's own edge: the node below it must be drained.
+        busy(tx.replace_node(&c.top, &other, None), &c.top);
+        // A node nothing reaches is free to build.
+        tx.attach_child(&other, &spare, Role::File).unwrap();
+        tx.commit().unwrap();
+    }
+    let after = shape(&[&c.top, &c.top_file, &c.base, &c.base_file]);
+    assert_eq!(after[..], before[..4], "a refused step changed the graph");
+    // Drained, the same steps go through.
+    let m = mutation();
+    let d = graph::drained_begin(std::slice::from_ref(&c.base));
+    let mut tx = Transaction::new(&m);
+    tx.set_backing(&c.base, Some(&other)).unwrap();
+    tx.commit().unwrap();
+    d.end();
+    assert!(Arc::ptr_eq(&c.base.backing().unwrap(), &other));
+    std::mem::forget(u);
+}
