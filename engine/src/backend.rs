@@ -309,7 +309,7 @@ impl Backend {
             );
         };
         let entered = self.enter(t).await;
-        let root = self.root();
+        let root = self.edge.child_on(t);
         let r = match self.check(&root, offset, buf.len() as u64) {
             Err(e) => (Err(e), buf),
             Ok(()) => root.read(offset, buf).await,
@@ -335,7 +335,7 @@ impl Backend {
             );
         };
         let entered = self.enter(t).await;
-        let root = self.root();
+        let root = self.edge.child_on(t);
         let r = match self.check(&root, offset, buf.len() as u64) {
             Err(e) => (Err(e), buf),
             Ok(()) => root.write(offset, buf, flags).await,
@@ -355,7 +355,7 @@ impl Backend {
                 .await?;
         };
         let entered = self.enter(t).await;
-        let root = self.root();
+        let root = self.edge.child_on(t);
         let r = match self.check(&root, offset, len) {
             Err(e) => Err(e),
             Ok(()) => root.write_zeroes(offset, len, flags).await,
@@ -375,7 +375,7 @@ impl Backend {
                 .await?;
         };
         let entered = self.enter(t).await;
-        let root = self.root();
+        let root = self.edge.child_on(t);
         let r = match self.check(&root, offset, len) {
             Err(e) => Err(e),
             Ok(()) => root.discard(offset, len).await,
@@ -410,7 +410,7 @@ impl Backend {
                 .await?;
         };
         let entered = self.enter(t).await;
-        let root = self.root();
+        let root = self.edge.child_on(t);
         let r = match self.check(&root, offset, len) {
             Err(e) => Err(e),
             Ok(()) => allocation_above(root, offset, len).await,

@@ -175,6 +175,14 @@ impl Edge {
         Arc::clone(self.child.read(&g))
     }
 
+    /// [`Self::child`] for a caller on IoThread `t` (see [`crate::lock::GraphLock::read_on`]).
+    #[cfg(not(loom))]
+    #[inline]
+    pub fn child_on(&self, t: usize) -> Arc<Node> {
+        let g = graph_lock().read_on(t);
+        Arc::clone(self.child.read(&g))
+    }
+
     fn child_locked_name(&self) -> String {
         self.child().name().to_string()
     }

@@ -140,6 +140,17 @@ impl GraphLock {
         self.read_slot(self.my_slot())
     }
 
+    /// Begins a read section on IoThread `t`, for callers that already know their IoThread
+    /// index (the request path): no thread-local lookup. Any `t` is safe; an index that is not
+    /// the caller's only shares another thread's slot (which costs that slot's cache line,
+    /// never correctness: the writer sums every slot).
+    #[cfg(not(loom))]
+    #[inline]
+    pub fn read_on(&self, t: usize) -> ReadGuard<'_> {
+        const _: () = assert!(iothreads::MAX_IOTHREADS.is_power_of_two());
+        self.read_slot(t & (iothreads::MAX_IOTHREADS - 1))
+    }
+
     /// Begins a read section counted in reader slot `slot`.
     ///
     /// # Panics
