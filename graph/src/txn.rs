@@ -295,7 +295,8 @@ impl<'m> Transaction<'m> {
     /// by `skip` (an inserted filter's own edge to `old`). All or nothing: a frozen edge among
     /// them is refused before any changes, with QEMU's words (`bdrv_replace_node`: "Cannot
     /// change 'backing' link to 'old'"), and any other refusal undoes the edges changed
-    /// before it.
+    /// before it. (QEMU skips a parent whose edge would make a cycle and moves the rest;
+    /// strata refuses the whole replace, so a change never half-happens.)
     pub fn replace_node(
         &mut self,
         old: &Arc<Node>,
