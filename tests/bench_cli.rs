@@ -3,53 +3,21 @@
 //! Each test keeps to a second or two: short `--runtime`s, small files, and `--driver=null`
 //! where only the engine is exercised. Nothing here asserts on timing.
 
-use std::fs::{self, File, OpenOptions};
+mod common;
+
+use std::fs::OpenOptions;
 use std::io::{BufRead, BufReader};
-use std::os::fd::AsRawFd;
 use std::os::unix::fs::FileExt;
 use std::os::unix::process::ExitStatusExt;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-/// A private directory, removed at drop.
-struct TmpDir(PathBuf);
+use common::{assert_one_line_error, stderr, stdout, QemuIoHolder, TmpDir};
 
-impl TmpDir {
-    fn new(tag: &str) -> TmpDir {
-        TmpDir::under(&std::env::temp_dir(), tag)
-    }
-
-    fn under(base: &Path, tag: &str) -> TmpDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let p = base.join(format!(
-            "strata-bench-test-{}-{tag}-{n}",
-            std::process::id()
-        ));
-        fs::create_dir_all(&p).unwrap();
-        TmpDir(p)
-    }
-
-    fn file(&self, name: &str, len: u64) -> PathBuf {
-        let p = self.0.join(name);
-        File::create(&p).unwrap().set_len(len).unwrap();
-        p
-    }
-
-    fn entries(&self) -> Vec<String> {
-        fs::read_dir(&self.0)
-            .unwrap()
-            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-            .collect()
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
+/// A private directory in the system temp dir, removed at drop.
+fn tmp_dir(tag: &str) -> TmpDir {
+    TmpDir::under(&std::env::temp_dir(), "bench", tag)
 }
 
 fn bench() -> Command {
@@ -62,29 +30,9 @@ fn run(args: &[&str]) -> Output {
     bench().args(args).output().unwrap()
 }
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
 fn json(o: &Output) -> serde_json::Value {
     assert!(o.status.success(), "failed: {}", stderr(o));
     serde_json::from_slice(&o.stdout).unwrap_or_else(|e| panic!("bad JSON ({e}): {}", stdout(o)))
-}
-
-/// Exit code 1 and exactly one line on stderr, naming the problem.
-fn assert_one_line_error(o: &Output, needles: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "exit code; stderr: {err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "one line expected, got: {err}");
-    assert!(lines[0].starts_with("strata bench: error: "), "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "{n:?} not in: {err}");
-    }
 }
 
 fn arg(k: &str, v: impl AsRef<Path>) -> String {
@@ -93,7 +41,7 @@ fn arg(k: &str, v: impl AsRef<Path>) -> String {
 
 #[test]
 fn default_run_works_and_removes_its_scratch_file() {
-    let dir = TmpDir::new("default");
+    let dir = tmp_dir("default");
     let o = bench()
         .arg("--runtime=1")
         .env("TMPDIR", &dir.0)
@@ -133,7 +81,7 @@ fn default_run_works_and_removes_its_scratch_file() {
 
 #[test]
 fn ctrl_c_stops_reports_and_removes_the_scratch_file() {
-    let dir = TmpDir::new("sigint");
+    let dir = tmp_dir("sigint");
     let mut child = bench()
         .args(["--runtime=30", "--size=16m"])
         .env("TMPDIR", &dir.0)
@@ -173,7 +121,7 @@ fn ctrl_c_stops_reports_and_removes_the_scratch_file() {
 
 #[test]
 fn bad_input_is_one_line_and_exit_1() {
-    let dir = TmpDir::new("bad");
+    let dir = tmp_dir("bad");
     let small = dir.file("small.img", 1 << 20);
     let missing = dir.0.join("missing.img");
     let missing_arg = arg("filename", &missing);
@@ -223,7 +171,7 @@ fn bad_input_is_one_line_and_exit_1() {
     for (args, needles) in cases {
         let o = bench().args(*args).env("TMPDIR", &dir.0).output().unwrap();
         assert!(!stderr(&o).contains("panicked"), "{args:?}: {}", stderr(&o));
-        assert_one_line_error(&o, needles);
+        assert_one_line_error(&o, "bench", needles);
     }
     assert!(
         !missing.exists(),
@@ -239,9 +187,9 @@ fn bs_below_direct_alignment_is_refused() {
     // A real disk folder: tmpfs may not take O_DIRECT at all.
     let base = Path::new("/var/tmp");
     let dir = if base.is_dir() {
-        TmpDir::under(base, "direct")
+        TmpDir::under(base, "bench", "direct")
     } else {
-        TmpDir::new("direct")
+        tmp_dir("direct")
     };
     let f = dir.file("d.img", 1 << 20);
     let o = run(&[
@@ -254,34 +202,15 @@ fn bs_below_direct_alignment_is_refused() {
         eprintln!("skipped: {} does not support O_DIRECT", dir.0.display());
         return;
     }
-    assert_one_line_error(&o, &["--bs=256", "O_DIRECT alignment"]);
+    assert_one_line_error(&o, "bench", &["--bs=256", "O_DIRECT alignment"]);
     // The scratch file of a default run is removed on this error too.
     let o = bench()
         .args(["--direct=1", "--bs=256"])
         .env("TMPDIR", &dir.0)
         .output()
         .unwrap();
-    assert_one_line_error(&o, &["--bs=256", "O_DIRECT alignment"]);
+    assert_one_line_error(&o, "bench", &["--bs=256", "O_DIRECT alignment"]);
     assert_eq!(dir.entries(), vec!["d.img".to_string()]);
-}
-
-fn byte_locked(path: &Path, byte: i64) -> bool {
-    let f = File::open(path).unwrap();
-    // SAFETY: an all-zero flock is valid; the fields that matter are set below.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as i16;
-    fl.l_whence = libc::SEEK_SET as i16;
-    fl.l_start = byte;
-    fl.l_len = 1;
-    // SAFETY: F_OFD_GETLK reads and writes the flock we pass.
-    let r = unsafe {
-        libc::fcntl(
-            f.as_raw_fd(),
-            libc::F_OFD_GETLK,
-            &mut fl as *mut libc::flock,
-        )
-    };
-    r == 0 && fl.l_type != libc::F_UNLCK as i16
 }
 
 #[test]
@@ -290,26 +219,12 @@ fn image_locked_by_qemu_io_is_refused() {
         eprintln!("skipped: qemu-io is not installed");
         return;
     }
-    let dir = TmpDir::new("lock");
+    let dir = tmp_dir("lock");
     let f = dir.file("locked.img", 1 << 20);
-    let mut holder = Command::new("qemu-io")
-        .args(["-f", "raw"])
-        .arg(&f)
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !byte_locked(&f, 100) {
-        assert!(Instant::now() < deadline, "qemu-io never locked the image");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    let holder = QemuIoHolder::new(&f, "raw", 100);
     let o = run(&[&arg("filename", &f), "--rw=randrw", "--runtime=1"]);
-    drop(holder.stdin.take());
-    let _ = holder.kill();
-    let _ = holder.wait();
-    assert_one_line_error(&o, &["lock", "locked.img"]);
+    drop(holder);
+    assert_one_line_error(&o, "bench", &["lock", "locked.img"]);
 }
 
 #[test]
@@ -421,7 +336,7 @@ fn several_null_jobs_each_on_their_iothread() {
 
 #[test]
 fn verify_two_jobs_randrw_passes() {
-    let dir = TmpDir::new("verify2");
+    let dir = tmp_dir("verify2");
     let f = dir.file("v.img", 8 << 20);
     let o = run(&[
         &arg("filename", &f),
@@ -442,7 +357,7 @@ fn verify_two_jobs_randrw_passes() {
 
 #[test]
 fn verify_catches_a_corrupted_block() {
-    let dir = TmpDir::new("corrupt");
+    let dir = tmp_dir("corrupt");
     let f = dir.file("c.img", 1 << 20);
     let o = run(&[
         &arg("filename", &f),
@@ -477,7 +392,7 @@ fn verify_catches_a_corrupted_block() {
         "--verify=crc32c",
         "--iodepth=4",
     ]);
-    assert_one_line_error(&o, &["verify", "bad crc32c at offset 4096"]);
+    assert_one_line_error(&o, "bench", &["verify", "bad crc32c at offset 4096"]);
     assert!(stdout(&o).contains("err=84"), "{}", stdout(&o));
     // JSON carries errno EILSEQ.
     let o = run(&[
@@ -563,9 +478,9 @@ fn cpus_allowed_runs_and_is_reported() {
 fn drain_every_while_verifying_a_file() {
     let shm = Path::new("/dev/shm");
     let dir = if shm.is_dir() {
-        TmpDir::under(shm, "drain")
+        TmpDir::under(shm, "bench", "drain")
     } else {
-        TmpDir::new("drain")
+        tmp_dir("drain")
     };
     let f = dir.file("d.img", 8 << 20);
     let o = run(&[
@@ -603,8 +518,8 @@ fn drain_every_normal_output_and_bad_values() {
     assert!(out.contains("    drain percentiles ("), "{out}");
     for bad in ["--drain-every=0", "--drain-every=abc", "--drain-every=2.5"] {
         let o = run(&["--driver=null", bad]);
-        assert_one_line_error(&o, &[bad]);
+        assert_one_line_error(&o, "bench", &[bad]);
     }
     let o = run(&["--driver=null", "--drain-every", "0"]);
-    assert_one_line_error(&o, &["--drain-every"]);
+    assert_one_line_error(&o, "bench", &["--drain-every"]);
 }

@@ -6,39 +6,18 @@
 //! Tests that need qemu-img (or qemu-io) print a reason and return where it is absent. Each
 //! keeps to a second or two: small images, `--runtime=1`.
 
-use std::fs::{self, File};
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::fs::{self, File};
+use std::path::Path;
+use std::process::{Command, Output};
+
+use common::{assert_one_line_error, ok, stderr, stdout, QemuIoHolder, TmpDir};
 use serde_json::Value;
 
-/// A private directory, removed at drop.
-struct TmpDir(PathBuf);
-
-impl TmpDir {
-    fn new(tag: &str) -> TmpDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let p = std::env::temp_dir().join(format!(
-            "strata-images-test-{}-{tag}-{n}",
-            std::process::id()
-        ));
-        fs::create_dir_all(&p).unwrap();
-        TmpDir(p)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
+/// A private directory in the system temp dir, removed at drop.
+fn tmp_dir(tag: &str) -> TmpDir {
+    TmpDir::under(&std::env::temp_dir(), "images", tag)
 }
 
 fn strata_in(dir: &Path, args: &[&str]) -> Output {
@@ -57,22 +36,12 @@ fn qemu_img_in(dir: &Path, args: &[&str]) -> Output {
         .unwrap()
 }
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: &Output, what: &str) {
-    assert!(
-        o.status.success(),
-        "{what} failed ({:?}): {}{}",
-        o.status,
-        stdout(o),
-        stderr(o)
-    );
+/// `qemu-img info --output=json` of `file` in `dir`.
+fn qemu_img_info(dir: &Path, file: &str) -> Value {
+    json(
+        &qemu_img_in(dir, &["info", "--output=json", file]),
+        "qemu-img info",
+    )
 }
 
 fn json(o: &Output, what: &str) -> Value {
@@ -122,19 +91,6 @@ fn check_clean(dir: &Path, file: &str) -> Value {
     v
 }
 
-/// One line on stderr, `strata CMD: error: ...`, exit 1, containing every needle.
-fn assert_one_line_error(o: &Output, cmd: &str, needles: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "exit code; stderr: {err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "one line expected, got: {err}");
-    let prefix = format!("strata {cmd}: error: ");
-    assert!(lines[0].starts_with(&prefix), "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "{n:?} not in: {err}");
-    }
-}
-
 /// The "Formatting ..." line with the file name taken out.
 fn formatting_line(o: &Output, file: &str) -> String {
     stdout(o)
@@ -147,7 +103,7 @@ fn formatting_line(o: &Output, file: &str) -> String {
 #[test]
 fn create_qcow2_option_sets_pass_qemu_img_check() {
     let Some(major) = qemu_img() else { return };
-    let dir = TmpDir::new("create");
+    let dir = tmp_dir("create");
     // (options, size, cluster size, refcount bits, compat, lazy refcounts, preallocated)
     let sets: &[(&str, &str, u64, u64, &str, bool, bool)] = &[
         ("", "1G", 65536, 16, "1.1", false, false),
@@ -247,10 +203,7 @@ fn create_qcow2_option_sets_pass_qemu_img_check() {
                 "{what}: {c}"
             );
         }
-        let v = json(
-            &qemu_img_in(&dir.0, &["info", "--output=json", &mine]),
-            "qemu-img info",
-        );
+        let v = qemu_img_info(&dir.0, &mine);
         let want_size = match size {
             "1G" => 1u64 << 30,
             s => s.trim_end_matches('M').parse::<u64>().unwrap() << 20,
@@ -290,7 +243,7 @@ fn create_qcow2_option_sets_pass_qemu_img_check() {
 #[test]
 fn create_raw() {
     let has_qemu = qemu_img();
-    let dir = TmpDir::new("raw");
+    let dir = tmp_dir("raw");
     let o = strata_in(&dir.0, &["create", "-f", "raw", "r.img", "1.5M"]);
     ok(&o, "create raw");
     assert_eq!(
@@ -326,10 +279,7 @@ fn create_raw() {
         assert!(m.blocks() * 512 >= 1 << 20, "not allocated: {m:?}");
     }
     if has_qemu.is_some() {
-        let v = json(
-            &qemu_img_in(&dir.0, &["info", "--output=json", "r.img"]),
-            "qemu-img info",
-        );
+        let v = qemu_img_info(&dir.0, "r.img");
         assert_eq!(v["format"], "raw");
         assert_eq!(v["virtual-size"], 1_572_864);
     }
@@ -340,7 +290,7 @@ fn create_with_relative_backing_takes_its_size() {
     if qemu_img().is_none() {
         return;
     }
-    let dir = TmpDir::new("backing");
+    let dir = tmp_dir("backing");
     fs::create_dir(dir.path("sub")).unwrap();
     ok(
         &qemu_img_in(
@@ -350,7 +300,7 @@ fn create_with_relative_backing_takes_its_size() {
         "qemu-img create",
     );
     // Run from elsewhere: the name resolves against the new image's folder.
-    let elsewhere = TmpDir::new("cwd");
+    let elsewhere = tmp_dir("cwd");
     let top = dir.path("sub/top.qcow2");
     let o = strata_in(
         &elsewhere.0,
@@ -372,10 +322,7 @@ fn create_with_relative_backing_takes_its_size() {
         stdout(&o)
     );
     check_clean(&dir.0, "sub/top.qcow2");
-    let v = json(
-        &qemu_img_in(&dir.0, &["info", "--output=json", "sub/top.qcow2"]),
-        "qemu-img info",
-    );
+    let v = qemu_img_info(&dir.0, "sub/top.qcow2");
     assert_eq!(v["virtual-size"], 48 << 20);
     assert_eq!(v["backing-filename"], "../base.qcow2");
     assert_eq!(v["full-backing-filename"], "sub/../base.qcow2");
@@ -405,10 +352,7 @@ fn create_with_relative_backing_takes_its_size() {
     );
     ok(&o, "create with -b, no -F");
     check_clean(&dir.0, "over.qcow2");
-    let v = json(
-        &qemu_img_in(&dir.0, &["info", "--output=json", "over.qcow2"]),
-        "qemu-img info",
-    );
+    let v = qemu_img_info(&dir.0, "over.qcow2");
     assert_eq!(v["virtual-size"], 64 << 20);
     assert_eq!(v["backing-filename-format"], "qcow2");
 
@@ -430,67 +374,15 @@ fn create_with_relative_backing_takes_its_size() {
     );
     ok(&o, "create over raw");
     check_clean(&dir.0, "r.qcow2");
-    let v = json(
-        &qemu_img_in(&dir.0, &["info", "--output=json", "r.qcow2"]),
-        "qemu-img info",
-    );
+    let v = qemu_img_info(&dir.0, "r.qcow2");
     assert_eq!(v["virtual-size"], 3 << 20);
     assert_eq!(v["backing-filename-format"], "raw");
     assert_eq!(v["cluster-size"], 4096);
 }
 
-/// Holds `path` open for writing in qemu-io until dropped.
-struct Holder(Child);
-
-impl Holder {
-    fn new(path: &Path, fmt: &str) -> Holder {
-        let child = Command::new("qemu-io")
-            .args(["-f", fmt])
-            .arg(path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !byte_locked(path, 100) {
-            assert!(Instant::now() < deadline, "qemu-io never locked the image");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Holder(child)
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn byte_locked(path: &Path, byte: i64) -> bool {
-    let f = File::open(path).unwrap();
-    // SAFETY: an all-zero flock is valid; the fields that matter are set below.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as i16;
-    fl.l_whence = libc::SEEK_SET as i16;
-    fl.l_start = byte;
-    fl.l_len = 1;
-    // SAFETY: F_OFD_GETLK reads and writes the flock we pass.
-    let r = unsafe {
-        libc::fcntl(
-            f.as_raw_fd(),
-            libc::F_OFD_GETLK,
-            &mut fl as *mut libc::flock,
-        )
-    };
-    r == 0 && fl.l_type != libc::F_UNLCK as i16
-}
-
 #[test]
 fn create_errors_are_one_line_and_leave_nothing() {
-    let dir = TmpDir::new("errors");
+    let dir = tmp_dir("errors");
     let cases: &[(&[&str], &[&str])] = &[
         (
             &["-f", "vmdk", "x.img", "1M"],
@@ -598,7 +490,7 @@ fn create_errors_are_one_line_and_leave_nothing() {
     }
     let locked = dir.path("locked.img");
     File::create(&locked).unwrap().set_len(1 << 20).unwrap();
-    let holder = Holder::new(&locked, "raw");
+    let holder = QemuIoHolder::new(&locked, "raw", 100);
     let o = strata_in(&dir.0, &["create", "-f", "qcow2", "locked.img", "1M"]);
     drop(holder);
     assert_one_line_error(&o, "create", &["lock", "locked.img"]);
@@ -645,7 +537,7 @@ fn assert_same_info(mine: &Value, theirs: &Value, what: &str) {
 #[test]
 fn info_agrees_with_qemu_img() {
     let Some(major) = qemu_img() else { return };
-    let dir = TmpDir::new("info");
+    let dir = tmp_dir("info");
     let q = |args: &[&str]| ok(&qemu_img_in(&dir.0, args), &format!("qemu-img {args:?}"));
     fs::create_dir(dir.path("sub")).unwrap();
     q(&["create", "-q", "-f", "raw", "data.raw", "4M"]);
@@ -814,7 +706,7 @@ fn info_agrees_with_qemu_img() {
 
 #[test]
 fn info_force_share_and_errors() {
-    let dir = TmpDir::new("info-errors");
+    let dir = tmp_dir("info-errors");
     let o = strata_in(&dir.0, &["info", "missing.qcow2"]);
     assert_one_line_error(&o, "info", &["Could not open 'missing.qcow2'"]);
     File::create(dir.path("r.img"))
@@ -834,7 +726,7 @@ fn info_force_share_and_errors() {
         &qemu_img_in(&dir.0, &["create", "-q", "-f", "qcow2", "busy.qcow2", "4M"]),
         "qemu-img create",
     );
-    let holder = Holder::new(&dir.path("busy.qcow2"), "qcow2");
+    let holder = QemuIoHolder::new(&dir.path("busy.qcow2"), "qcow2", 100);
     // As qemu-img: an image another process writes is refused without -U.
     let refused = strata_in(&dir.0, &["info", "busy.qcow2"]);
     let shared = strata_in(&dir.0, &["info", "-U", "--output=json", "busy.qcow2"]);
@@ -856,7 +748,7 @@ fn bench_on_a_qcow2_image_and_a_chain() {
     if qemu_img().is_none() {
         return;
     }
-    let dir = TmpDir::new("bench");
+    let dir = tmp_dir("bench");
     let q = |args: &[&str]| ok(&qemu_img_in(&dir.0, args), &format!("qemu-img {args:?}"));
     q(&["create", "-q", "-f", "qcow2", "img.qcow2", "64M"]);
     let o = bench_in(
@@ -955,7 +847,7 @@ fn two_jobs_write_one_qcow2_with_verify_and_qemu_img_check_is_clean() {
     if qemu_img().is_none() {
         return;
     }
-    let dir = TmpDir::new("two-jobs");
+    let dir = tmp_dir("two-jobs");
     for (name, cs) in [("c4k.qcow2", "4096"), ("c64k.qcow2", "65536")] {
         ok(
             &qemu_img_in(

@@ -7,41 +7,23 @@
 //! Tests print a reason and return where qemu-img or qemu-io is absent. The images live in
 //! /var/tmp (a disk, so the `-t none` runs use O_DIRECT for real) and are small.
 
-use std::fs::{self, File};
-use std::os::fd::AsRawFd;
-use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
-use std::time::{Duration, Instant};
+mod common;
 
+use std::fs::{self, File};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+
+use common::{assert_one_line_error, ok, stderr, stdout, QemuIoHolder, TmpDir};
 use serde_json::Value;
 
-/// A private directory on disk, removed at drop.
-struct TmpDir(PathBuf);
-
-impl TmpDir {
-    fn new(tag: &str) -> TmpDir {
-        static N: AtomicU32 = AtomicU32::new(0);
-        let n = N.fetch_add(1, Ordering::Relaxed);
-        let root = if Path::new("/var/tmp").is_dir() {
-            PathBuf::from("/var/tmp")
-        } else {
-            std::env::temp_dir()
-        };
-        let p = root.join(format!("strata-jobs-test-{}-{tag}-{n}", std::process::id()));
-        fs::create_dir_all(&p).unwrap();
-        TmpDir(p)
-    }
-
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-}
-
-impl Drop for TmpDir {
-    fn drop(&mut self) {
-        let _ = fs::remove_dir_all(&self.0);
-    }
+/// A private directory on disk (/var/tmp where there is one), removed at drop.
+fn tmp_dir(tag: &str) -> TmpDir {
+    let root = if Path::new("/var/tmp").is_dir() {
+        PathBuf::from("/var/tmp")
+    } else {
+        std::env::temp_dir()
+    };
+    TmpDir::under(&root, "jobs", tag)
 }
 
 fn run_in(dir: &Path, prog: &str, args: &[&str]) -> Output {
@@ -57,29 +39,41 @@ fn strata_in(dir: &Path, args: &[&str]) -> Output {
     run_in(dir, env!("CARGO_BIN_EXE_strata"), args)
 }
 
-fn stdout(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stdout).into_owned()
-}
-
-fn stderr(o: &Output) -> String {
-    String::from_utf8_lossy(&o.stderr).into_owned()
-}
-
-fn ok(o: &Output, what: &str) {
-    assert!(
-        o.status.success(),
-        "{what} failed ({:?}): {}{}",
-        o.status,
-        stdout(o),
-        stderr(o)
-    );
-}
-
 /// Runs qemu-img (or qemu-io) in `dir` and checks it succeeded.
 fn q(dir: &Path, prog: &str, args: &[&str]) -> Output {
     let o = run_in(dir, prog, args);
     ok(&o, &format!("{prog} {args:?}"));
     o
+}
+
+/// `qemu-img create -q -f qcow2 [-o OPTS] [-b BACKING -F qcow2] FILE [SIZE]` in `dir`.
+fn create_qcow2(
+    dir: &Path,
+    opts: Option<&str>,
+    backing: Option<&str>,
+    file: &str,
+    size: Option<&str>,
+) {
+    let mut args = vec!["create", "-q", "-f", "qcow2"];
+    if let Some(o) = opts {
+        args.extend(["-o", o]);
+    }
+    if let Some(b) = backing {
+        args.extend(["-b", b, "-F", "qcow2"]);
+    }
+    args.push(file);
+    args.extend(size);
+    q(dir, "qemu-img", &args);
+}
+
+/// qemu-io in `dir` on `file` (its format probed), with each of `cmds` as a `-c` command.
+fn qemu_io(dir: &Path, file: &str, cmds: &[&str]) {
+    let mut args = Vec::new();
+    for c in cmds {
+        args.extend(["-c", c]);
+    }
+    args.push(file);
+    q(dir, "qemu-io", &args);
 }
 
 /// Whether qemu-img and qemu-io are installed (else a printed reason).
@@ -160,101 +154,38 @@ fn own_bytes(dir: &Path, file: &str) -> u64 {
         .sum()
 }
 
-/// One line on stderr, `strata CMD: error: ...`, exit 1, containing every needle.
-fn assert_one_line_error(o: &Output, cmd: &str, needles: &[&str]) {
-    let err = stderr(o);
-    assert_eq!(o.status.code(), Some(1), "exit code; stderr: {err}");
-    let lines: Vec<&str> = err.lines().collect();
-    assert_eq!(lines.len(), 1, "one line expected, got: {err}");
-    let prefix = format!("strata {cmd}: error: ");
-    assert!(lines[0].starts_with(&prefix), "{err}");
-    for n in needles {
-        assert!(lines[0].contains(n), "{n:?} not in: {err}");
-    }
-}
-
 /// Builds base <- mid <- top in `dir` (16 MiB; mid with 4 KiB clusters; data, zeroes and
 /// partial clusters at every level, overlapping) and `flat.raw`, what top reads.
 /// `compat` is the qcow2 compat level of all three.
 fn build_chain(dir: &Path, compat: &str) {
     let c = format!("compat={compat}");
-    q(
+    create_qcow2(dir, Some(&c), None, "base.qcow2", Some("16M"));
+    qemu_io(
         dir,
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "-o", &c, "base.qcow2", "16M"],
-    );
-    q(
-        dir,
-        "qemu-io",
-        &[
-            "-c",
-            "write -P 0x11 0 8M",
-            "-c",
-            "write -P 0x12 12M 1M",
-            "base.qcow2",
-        ],
+        "base.qcow2",
+        &["write -P 0x11 0 8M", "write -P 0x12 12M 1M"],
     );
     let mid_opts = format!("{c},cluster_size=4k");
-    q(
-        dir,
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &mid_opts,
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "mid.qcow2",
-        ],
-    );
+    create_qcow2(dir, Some(&mid_opts), Some("base.qcow2"), "mid.qcow2", None);
     let mut mid_cmds = vec![
-        "-c",
         "write -P 0x21 1M 2M",
-        "-c",
         "write -P 0x22 7M 6000",
-        "-c",
         "write -P 0x23 14M 512k",
     ];
     if compat != "0.10" {
-        mid_cmds.extend(["-c", "write -z 9M 64k"]);
+        mid_cmds.push("write -z 9M 64k");
     }
-    mid_cmds.push("mid.qcow2");
-    q(dir, "qemu-io", &mid_cmds);
-    q(
-        dir,
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-o",
-            &c,
-            "-b",
-            "mid.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
+    qemu_io(dir, "mid.qcow2", &mid_cmds);
+    create_qcow2(dir, Some(&c), Some("mid.qcow2"), "top.qcow2", None);
     let mut top_cmds = vec![
-        "-c",
         "write -P 0x31 2M 64k",
-        "-c",
         "write -P 0x32 5M 4k",
-        "-c",
         "write -P 0x33 15M 1M",
     ];
     if compat != "0.10" {
-        top_cmds.extend(["-c", "write -z 12M 128k"]);
+        top_cmds.push("write -z 12M 128k");
     }
-    top_cmds.push("top.qcow2");
-    q(dir, "qemu-io", &top_cmds);
+    qemu_io(dir, "top.qcow2", &top_cmds);
     q(
         dir,
         "qemu-img",
@@ -273,7 +204,7 @@ fn stream_whole_chain_makes_top_standalone() {
         return;
     }
     for (compat, cache) in [("1.1", "writeback"), ("1.1", "none"), ("0.10", "writeback")] {
-        let dir = TmpDir::new("stream-all");
+        let dir = tmp_dir("stream-all");
         let d = &dir.0;
         build_chain(d, compat);
         let o = strata_in(d, &["stream", "-t", cache, "top.qcow2"]);
@@ -294,7 +225,7 @@ fn stream_with_base_keeps_it_as_backing() {
     if !have_qemu() {
         return;
     }
-    let dir = TmpDir::new("stream-base");
+    let dir = tmp_dir("stream-base");
     let d = &dir.0;
     build_chain(d, "1.1");
     let o = strata_in(d, &["stream", "-q", "--base", "base.qcow2", "top.qcow2"]);
@@ -314,7 +245,7 @@ fn stream_with_base_keeps_it_as_backing() {
 
     // The base named by the image's own backing name is its backing file already: nothing
     // to copy, the chain stays.
-    let dir = TmpDir::new("stream-base-direct");
+    let dir = tmp_dir("stream-base-direct");
     let d = &dir.0;
     build_chain(d, "1.1");
     let before = own_bytes(d, "top.qcow2");
@@ -334,48 +265,16 @@ fn stream_names_the_base_as_seen_from_the_image() {
         return;
     }
     // top.qcow2 -> sub/mid.qcow2 -> base.qcow2 (in sub/, named relative to mid).
-    let dir = TmpDir::new("stream-names");
+    let dir = tmp_dir("stream-names");
     let d = &dir.0;
     fs::create_dir(dir.path("sub")).unwrap();
     let sub = dir.path("sub");
-    q(
-        &sub,
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"],
-    );
-    q(&sub, "qemu-io", &["-c", "write -P 7 0 4M", "base.qcow2"]);
-    q(
-        &sub,
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "mid.qcow2",
-        ],
-    );
-    q(&sub, "qemu-io", &["-c", "write -P 8 1M 1M", "mid.qcow2"]);
-    q(
-        d,
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "sub/mid.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-        ],
-    );
-    q(d, "qemu-io", &["-c", "write -P 9 3M 64k", "top.qcow2"]);
+    create_qcow2(&sub, None, None, "base.qcow2", Some("4M"));
+    qemu_io(&sub, "base.qcow2", &["write -P 7 0 4M"]);
+    create_qcow2(&sub, None, Some("base.qcow2"), "mid.qcow2", None);
+    qemu_io(&sub, "mid.qcow2", &["write -P 8 1M 1M"]);
+    create_qcow2(d, None, Some("sub/mid.qcow2"), "top.qcow2", None);
+    qemu_io(d, "top.qcow2", &["write -P 9 3M 64k"]);
     q(
         d,
         "qemu-img",
@@ -407,7 +306,7 @@ fn commit_into_the_backing_file_empties_the_image() {
         return;
     }
     for (compat, cache) in [("1.1", "writeback"), ("1.1", "none"), ("0.10", "none")] {
-        let dir = TmpDir::new("commit");
+        let dir = tmp_dir("commit");
         let d = &dir.0;
         build_chain(d, compat);
         let base_before = fs::read(dir.path("base.qcow2")).unwrap();
@@ -432,7 +331,7 @@ fn commit_drop_keeps_the_image_and_base_drops_the_images_between() {
         return;
     }
     // -d: top keeps its data.
-    let dir = TmpDir::new("commit-d");
+    let dir = tmp_dir("commit-d");
     let d = &dir.0;
     build_chain(d, "1.1");
     let top_before = own_bytes(d, "top.qcow2");
@@ -448,7 +347,7 @@ fn commit_drop_keeps_the_image_and_base_drops_the_images_between() {
 
     // --base further down: base gets top's and mid's data, top names base and is emptied.
     for drop in [false, true] {
-        let dir = TmpDir::new("commit-base");
+        let dir = tmp_dir("commit-base");
         let d = &dir.0;
         build_chain(d, "1.1");
         let mut args = vec!["commit", "-t", "none", "-b", "base.qcow2"];
@@ -478,41 +377,12 @@ fn commit_grows_a_smaller_base() {
     if !have_qemu() {
         return;
     }
-    let dir = TmpDir::new("commit-grow");
+    let dir = tmp_dir("commit-grow");
     let d = &dir.0;
-    q(
-        d,
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "base.qcow2", "4M"],
-    );
-    q(d, "qemu-io", &["-c", "write -P 1 0 4M", "base.qcow2"]);
-    q(
-        d,
-        "qemu-img",
-        &[
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            "base.qcow2",
-            "-F",
-            "qcow2",
-            "top.qcow2",
-            "8M",
-        ],
-    );
-    q(
-        d,
-        "qemu-io",
-        &[
-            "-c",
-            "write -P 2 3M 2M",
-            "-c",
-            "write -P 3 7M 64k",
-            "top.qcow2",
-        ],
-    );
+    create_qcow2(d, None, None, "base.qcow2", Some("4M"));
+    qemu_io(d, "base.qcow2", &["write -P 1 0 4M"]);
+    create_qcow2(d, None, Some("base.qcow2"), "top.qcow2", Some("8M"));
+    qemu_io(d, "top.qcow2", &["write -P 2 3M 2M", "write -P 3 7M 64k"]);
     q(
         d,
         "qemu-img",
@@ -531,7 +401,7 @@ fn speed_limit_and_progress_lines() {
     if !have_qemu() {
         return;
     }
-    let dir = TmpDir::new("speed");
+    let dir = tmp_dir("speed");
     let d = &dir.0;
     build_chain(d, "1.1");
     // stderr is a pipe here: -p prints one line per percent, ending at 100.
@@ -542,7 +412,7 @@ fn speed_limit_and_progress_lines() {
     assert_same(d, "flat.raw", "top.qcow2");
     check_clean(d, "top.qcow2");
     // Without -p and off a terminal: nothing on stderr.
-    let dir = TmpDir::new("speed-commit");
+    let dir = tmp_dir("speed-commit");
     let d = &dir.0;
     build_chain(d, "1.1");
     let o = strata_in(d, &["commit", "-r", "32M", "top.qcow2"]);
@@ -551,68 +421,15 @@ fn speed_limit_and_progress_lines() {
     assert_same(d, "flat.raw", "top.qcow2");
 }
 
-/// Holds `path` open for writing in qemu-io until dropped.
-struct Holder(Child);
-
-impl Holder {
-    fn new(path: &Path) -> Holder {
-        let child = Command::new("qemu-io")
-            .args(["-f", "qcow2"])
-            .arg(path)
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while !byte_locked(path, 101) {
-            assert!(Instant::now() < deadline, "qemu-io never locked the image");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        Holder(child)
-    }
-}
-
-impl Drop for Holder {
-    fn drop(&mut self) {
-        drop(self.0.stdin.take());
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn byte_locked(path: &Path, byte: i64) -> bool {
-    let f = File::open(path).unwrap();
-    // SAFETY: an all-zero flock is valid; the fields that matter are set below.
-    let mut fl: libc::flock = unsafe { std::mem::zeroed() };
-    fl.l_type = libc::F_WRLCK as i16;
-    fl.l_whence = libc::SEEK_SET as i16;
-    fl.l_start = byte;
-    fl.l_len = 1;
-    // SAFETY: F_OFD_GETLK reads and writes the flock we pass.
-    let r = unsafe {
-        libc::fcntl(
-            f.as_raw_fd(),
-            libc::F_OFD_GETLK,
-            &mut fl as *mut libc::flock,
-        )
-    };
-    r == 0 && fl.l_type != libc::F_UNLCK as i16
-}
-
 #[test]
 fn errors_are_one_line_and_leave_the_images_alone() {
     if !have_qemu() {
         return;
     }
-    let dir = TmpDir::new("errors");
+    let dir = tmp_dir("errors");
     let d = &dir.0;
     build_chain(d, "1.1");
-    q(
-        d,
-        "qemu-img",
-        &["create", "-q", "-f", "qcow2", "alone.qcow2", "1M"],
-    );
+    create_qcow2(d, None, None, "alone.qcow2", Some("1M"));
     File::create(dir.path("r.img"))
         .unwrap()
         .set_len(1 << 20)
@@ -681,13 +498,13 @@ fn errors_are_one_line_and_leave_the_images_alone() {
     assert!(snapshot() == before, "an error changed an image");
 
     // An image another process writes is refused, whichever image of the chain it is.
-    let holder = Holder::new(&dir.path("top.qcow2"));
+    let holder = QemuIoHolder::new(&dir.path("top.qcow2"), "qcow2", 101);
     let s = strata_in(d, &["stream", "top.qcow2"]);
     let c = strata_in(d, &["commit", "top.qcow2"]);
     drop(holder);
     assert_one_line_error(&s, "stream", &["lock", "top.qcow2"]);
     assert_one_line_error(&c, "commit", &["lock", "top.qcow2"]);
-    let holder = Holder::new(&dir.path("base.qcow2"));
+    let holder = QemuIoHolder::new(&dir.path("base.qcow2"), "qcow2", 101);
     let c = strata_in(d, &["commit", "-b", "base.qcow2", "top.qcow2"]);
     drop(holder);
     assert_one_line_error(&c, "commit", &["lock", "base.qcow2"]);

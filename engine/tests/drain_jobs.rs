@@ -14,27 +14,19 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use common::{
-    assert_check_clean, open_chain, qemu_backing, qemu_content, qemu_tool, run_tool, uniq, Scratch,
+    assert_backing, assert_check_clean, default_engine, file_spec, have_qemu, open_chain,
+    qemu_content, qemu_img_create, run_qemu_io, uniq, Scratch,
 };
 use drain_util::{drain_in_change, join_within, wait_until};
 use engine::drivers::file::FileOptions;
 use engine::job::stream::StreamArgs;
-use engine::job::{JobEventKind, JobStatus};
-use engine::{BackingSpec, ChildSpec, DriverSpec, Engine, EngineOptions, IoBuf, NodeSpec};
+use engine::job::{Job, JobEventKind, JobInfo, JobStatus};
+use engine::{BackingSpec, ChildSpec, DriverSpec, Engine, IoBuf, NodeSpec};
 use graph::{BlockStatus, Driver, LocalBoxFuture, Node, Role, WriteFlags, ZeroFlags};
 use iothreads::BufResult;
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
-
-/// One IoThread: jobs, the controller's I/O and everything else run on IoThread 0.
-fn engine() -> Engine {
-    Engine::new(EngineOptions::default()).unwrap()
-}
-
-fn have_qemu() -> bool {
-    qemu_tool("qemu-img").is_some() && qemu_tool("qemu-io").is_some()
-}
 
 /// Blocks IoThread `t` (nothing else runs on it) until the returned sender is dropped or
 /// sent to. Returns once the IoThread is blocked.
@@ -63,26 +55,15 @@ fn a_job_asleep_in_its_rate_limiter_is_quiet() {
         return;
     }
     // Base data in every chunk: each chunk the job copies counts against its speed.
-    let (base_img, top_img) = make_full_base_chain("dsl", 4 * MIB);
-    let imgs = [base_img, top_img];
+    let imgs = make_full_base_chain("dsl", 4 * MIB);
     let top_path = imgs[1].path().to_string();
     let before = qemu_content(&top_path);
-    let e = engine();
+    // One IoThread: jobs, the controller's I/O and everything else run on IoThread 0.
+    let e = default_engine();
     let names = open_chain(&e, &imgs, "dsl");
     let events = e.jobs().subscribe();
-    let mut args = StreamArgs::new(&names[1]);
     let id = uniq("sleepy");
-    args.job_id = Some(id.clone());
-    // The first chunk (512 KiB of base data) goes at once; then 512 Ki seconds of sleep.
-    args.speed = 1;
-    let job = e.stream(args).unwrap();
-    let asleep = wait_until(
-        "the job to copy a chunk and sleep in its rate limiter",
-        || {
-            let i = job.info();
-            (i.current_progress > 0 && !i.busy).then_some(i)
-        },
-    );
+    let (job, asleep) = stream_asleep_in_its_rate_limiter(&e, &names[1], id.clone());
     assert_eq!(asleep.status, JobStatus::Running);
     assert!(!asleep.paused);
     assert!(
@@ -153,7 +134,7 @@ fn a_job_asleep_in_its_rate_limiter_is_quiet() {
     assert!(top.parents().is_empty(), "the job's filter is gone");
     drop(top);
     drop(e);
-    assert_eq!(qemu_backing(&top_path).as_deref(), Some(imgs[0].path()));
+    assert_backing(&top_path, Some(imgs[0].path()));
     assert_check_clean(&top_path);
     assert_eq!(qemu_content(&top_path), before);
 }
@@ -167,21 +148,10 @@ fn a_drain_does_not_cut_a_rate_limit_sleep_short() {
     if !have_qemu() {
         return;
     }
-    let (base_img, top_img) = make_full_base_chain("drs", 4 * MIB);
-    let imgs = [base_img, top_img];
-    let e = engine();
+    let imgs = make_full_base_chain("drs", 4 * MIB);
+    let e = default_engine();
     let names = open_chain(&e, &imgs, "drs");
-    let mut args = StreamArgs::new(&names[1]);
-    args.job_id = Some(uniq("slow"));
-    args.speed = 1;
-    let job = e.stream(args).unwrap();
-    let asleep = wait_until(
-        "the job to copy a chunk and sleep in its rate limiter",
-        || {
-            let i = job.info();
-            (i.current_progress > 0 && !i.busy).then_some(i)
-        },
-    );
+    let (job, asleep) = stream_asleep_in_its_rate_limiter(&e, &names[1], uniq("slow"));
     let top = e.node(&names[1]).unwrap();
     let (seen, held) = drain_in_change(&e, vec![Arc::clone(&top)], || ());
     join_within(seen, "the drain");
@@ -326,43 +296,41 @@ impl Driver for ReadGate {
 
 /// A base image of `size` bytes with data everywhere (512 KiB stripe i holds byte i + 1, so
 /// every chunk of a stream copies from it) and a top image over it with 64 KiB of its own.
-fn make_full_base_chain(tag: &str, size: u64) -> (Scratch, Scratch) {
+fn make_full_base_chain(tag: &str, size: u64) -> [Scratch; 2] {
     let base = Scratch::new_in("/var/tmp", &format!("{tag}base"));
     let top = Scratch::new_in("/var/tmp", &format!("{tag}top"));
-    let sz = size.to_string();
-    run_tool(&["qemu-img", "create", "-q", "-f", "qcow2", base.path(), &sz]);
+    qemu_img_create("qcow2", base.path(), None, Some(size));
     let stripe = 512 * KIB;
     let cmds: Vec<String> = (0..size / stripe)
         .map(|i| format!("write -P {} {} {}", (i % 250) + 1, i * stripe, stripe))
         .collect();
-    let mut args = vec!["qemu-io", "-f", "qcow2"];
-    for c in &cmds {
-        args.extend(["-c", c.as_str()]);
-    }
-    args.push(base.path());
-    run_tool(&args);
-    run_tool(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.path(),
-        "-F",
+    run_qemu_io("qcow2", base.path(), &cmds);
+    qemu_img_create(
         "qcow2",
         top.path(),
-        &sz,
-    ]);
-    run_tool(&[
-        "qemu-io",
-        "-f",
-        "qcow2",
-        "-c",
-        "write -P 238 1M 64k",
-        top.path(),
-    ]);
-    (base, top)
+        Some((base.path(), "qcow2")),
+        Some(size),
+    );
+    run_qemu_io("qcow2", top.path(), &["write -P 238 1M 64k"]);
+    [base, top]
+}
+
+/// Starts stream job `id` into `top` at 1 byte/s and waits until it has copied its first
+/// chunk (512 KiB of base data, at once) and sleeps in its rate limiter (512 Ki seconds);
+/// returns the job and its info then.
+fn stream_asleep_in_its_rate_limiter(e: &Engine, top: &str, id: String) -> (Arc<Job>, JobInfo) {
+    let mut args = StreamArgs::new(top);
+    args.job_id = Some(id);
+    args.speed = 1;
+    let job = e.stream(args).unwrap();
+    let asleep = wait_until(
+        "the job to copy a chunk and sleep in its rate limiter",
+        || {
+            let i = job.info();
+            (i.current_progress > 0 && !i.busy).then_some(i)
+        },
+    );
+    (job, asleep)
 }
 
 /// A stream job with no speed limit, reading its base through a gate that holds its reads,
@@ -377,9 +345,9 @@ fn a_running_job_parks_at_its_next_pause_point_under_a_drain() {
         return;
     }
     let size = 16 * MIB;
-    let (base_img, top_img) = make_full_base_chain("dpp", size);
+    let [base_img, top_img] = make_full_base_chain("dpp", size);
     let before = qemu_content(top_img.path());
-    let e = engine();
+    let e = default_engine();
     let p = uniq("dpp");
     let (file_name, gate_name, base_name, top_name) = (
         format!("{p}file"),
@@ -428,11 +396,7 @@ fn a_running_job_parks_at_its_next_pause_point_under_a_drain() {
             node_name: Some(top_name.clone()),
             read_only: false,
             driver: DriverSpec::Qcow2 {
-                file: ChildSpec::Spec(Box::new(NodeSpec {
-                    node_name: None,
-                    read_only: false,
-                    driver: DriverSpec::File(FileOptions::new(top_img.path())),
-                })),
+                file: file_spec(top_img.path(), false),
                 backing: BackingSpec::Node(ChildSpec::Name(base_name.clone())),
                 opts: Default::default(),
             },
@@ -534,7 +498,7 @@ fn a_running_job_parks_at_its_next_pause_point_under_a_drain() {
     assert_eq!(top.quiesce_count(), 0);
     drop((top, base, gate, job));
     drop(e);
-    assert_eq!(qemu_backing(top_img.path()), None);
+    assert_backing(top_img.path(), None);
     assert_check_clean(top_img.path());
     assert_eq!(qemu_content(top_img.path()), before);
 }

@@ -10,10 +10,10 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{pattern_at, qemu_tool, uniq, Scratch};
+use common::{pattern_at, qemu_tool, run_tool, uniq, Scratch};
 use engine::drivers::file::{self, Aio, FileDriver, FileOptions, Locking};
 use engine::{Backend, ErrorKind, IoBuf, IoThread, Node, Perm, ZeroFlags};
-use graph::{mutation, Role, Transaction, User};
+use graph::{mutation, Mutation, Role, Transaction, User};
 
 fn backend(node: Arc<Node>, t: &IoThread) -> Backend {
     Backend::new(node, &[t.handle()]).unwrap()
@@ -72,17 +72,25 @@ fn direct_opts(f: &Scratch) -> FileOptions {
     }
 }
 
+/// Opens `f` (in /var/tmp) with O_DIRECT, or `None` (printing why the test skips) where the
+/// file system has no O_DIRECT.
+fn open_direct(f: &Scratch) -> Option<Arc<Node>> {
+    match file::open(&uniq("d0"), &direct_opts(f)) {
+        Ok(n) => Some(n),
+        Err(e) if e.kind() == ErrorKind::Unsupported => {
+            eprintln!("skipping: /var/tmp has no O_DIRECT: {e}");
+            None
+        }
+        Err(e) => panic!("{e:?}"),
+    }
+}
+
 #[test]
 fn direct_io_on_disk_takes_statx_alignment_and_pads() {
     let f = Scratch::new_in("/var/tmp", "direct").with_pattern(64 * 1024);
     let t = IoThread::new().unwrap();
-    let node = match file::open(&uniq("d0"), &direct_opts(&f)) {
-        Ok(n) => n,
-        Err(e) if e.kind() == ErrorKind::Unsupported => {
-            eprintln!("skipping: /var/tmp has no O_DIRECT: {e}");
-            return;
-        }
-        Err(e) => panic!("{e:?}"),
+    let Some(node) = open_direct(&f) else {
+        return;
     };
     let (mem, off) = driver(&node).alignment();
     assert!(
@@ -116,13 +124,8 @@ fn concurrent_unaligned_writes_to_shared_blocks_lose_nothing() {
     // Each piece is padded by read-modify-write; without serialisation pieces would be lost.
     let f = Scratch::new_in("/var/tmp", "rmw").with_pattern(64 * 1024);
     let (t1, t2) = (IoThread::new().unwrap(), IoThread::new().unwrap());
-    let node = match file::open(&uniq("d0"), &direct_opts(&f)) {
-        Ok(n) => n,
-        Err(e) if e.kind() == ErrorKind::Unsupported => {
-            eprintln!("skipping: /var/tmp has no O_DIRECT: {e}");
-            return;
-        }
-        Err(e) => panic!("{e:?}"),
+    let Some(node) = open_direct(&f) else {
+        return;
     };
     let b = Backend::new(node, &[t1.handle(), t2.handle()]).unwrap();
     let run = |t: &IoThread, parity: u64| {
@@ -381,25 +384,31 @@ fn byte_locked(path: &str, byte: i64) -> bool {
     fl.l_type != libc::F_UNLCK as i16
 }
 
-/// Starts `qemu-io` holding `path` open (read-write unless `ro`), and waits for its locks.
-fn qemu_io_holding(qemu_io: &str, path: &str, ro: bool) -> Child {
+/// Starts `qemu-io` holding `path` open as `fmt` (read-write unless `ro`), and waits until
+/// it holds lock byte `byte`.
+fn qemu_io_holding(qemu_io: &str, path: &str, ro: bool, fmt: &str, byte: i64) -> Child {
     let mut cmd = Command::new(qemu_io);
     if ro {
         cmd.arg("-r");
     }
     let child = cmd
-        .args(["-f", "raw", path])
+        .args(["-f", fmt, path])
         .stdin(Stdio::piped())
         .stdout(Stdio::null())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !byte_locked(path, 100) {
+    while !byte_locked(path, byte) {
         assert!(Instant::now() < deadline, "qemu-io never locked {path}");
         std::thread::sleep(Duration::from_millis(20));
     }
     child
+}
+
+/// qemu-io and qemu-img, or `None` (the test skips) where either is absent.
+fn qemu_io_and_img() -> Option<(&'static str, &'static str)> {
+    Some((qemu_tool("qemu-io")?, qemu_tool("qemu-img")?))
 }
 
 fn stop(mut child: Child) {
@@ -411,10 +420,7 @@ fn stop(mut child: Child) {
 
 #[test]
 fn strata_writer_locks_out_qemu() {
-    let Some(qemu_io) = qemu_tool("qemu-io") else {
-        return;
-    };
-    let Some(qemu_img) = qemu_tool("qemu-img") else {
+    let Some((qemu_io, qemu_img)) = qemu_io_and_img() else {
         return;
     };
     let f = Scratch::new("lock1").with_pattern(1 << 20);
@@ -452,25 +458,9 @@ fn strata_writer_locks_out_qemu() {
     );
     assert!(err.contains("Failed to get \"write\" lock"), "{err}");
     // QEMU's raw reader shares everything, so `qemu-img info -f raw` still works.
-    let out = Command::new(qemu_img)
-        .args(["info", "-f", "raw", f.path()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_tool(&[qemu_img, "info", "-f", "raw", f.path()]);
     drop(node);
-    let out = Command::new(qemu_io)
-        .args(["-f", "raw", "-c", "write 0 4k", f.path()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_tool(&[qemu_io, "-f", "raw", "-c", "write 0 4k", f.path()]);
 }
 
 #[test]
@@ -479,7 +469,7 @@ fn qemu_writer_locks_out_strata() {
         return;
     };
     let f = Scratch::new("lock2").with_pattern(1 << 20);
-    let child = qemu_io_holding(qemu_io, f.path(), false);
+    let child = qemu_io_holding(qemu_io, f.path(), false, "raw", 100);
     let t = IoThread::new().unwrap();
     let e = open_used(&uniq("w"), &FileOptions::new(&f.0), &t).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionConflict);
@@ -519,11 +509,7 @@ fn qemu_img_info_of_a_qcow2_is_refused_while_strata_writes_its_file() {
         return;
     };
     let f = Scratch::new("lock5");
-    let out = Command::new(qemu_img)
-        .args(["create", "-f", "qcow2", f.path(), "1M"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    run_tool(&[qemu_img, "create", "-f", "qcow2", f.path(), "1M"]);
     let t = IoThread::new().unwrap();
     let node = open_used(&uniq("w"), &FileOptions::new(&f.0), &t).unwrap();
     // A qcow2 reader does not share write: it must not read metadata someone else changes.
@@ -535,38 +521,23 @@ fn qemu_img_info_of_a_qcow2_is_refused_while_strata_writes_its_file() {
     assert!(!out.status.success());
     assert!(err.contains("Failed to get shared \"write\" lock"), "{err}");
     drop(node);
-    let out = Command::new(qemu_img)
-        .args(["info", f.path()])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    run_tool(&[qemu_img, "info", f.path()]);
 }
 
 #[test]
 fn readers_share_with_readers() {
-    let Some(qemu_io) = qemu_tool("qemu-io") else {
-        return;
-    };
-    let Some(qemu_img) = qemu_tool("qemu-img") else {
+    let Some((qemu_io, qemu_img)) = qemu_io_and_img() else {
         return;
     };
     let f = Scratch::new("lock3").with_pattern(1 << 20);
-    let child = qemu_io_holding(qemu_io, f.path(), true);
+    let child = qemu_io_holding(qemu_io, f.path(), true, "raw", 100);
     let t = IoThread::new().unwrap();
     let ro = FileOptions {
         read_only: true,
         ..FileOptions::new(&f.0)
     };
     let node = open_used(&uniq("r"), &ro, &t).unwrap();
-    let out = Command::new(qemu_img)
-        .args(["info", "-f", "raw", f.path()])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    run_tool(&[qemu_img, "info", "-f", "raw", f.path()]);
     // A writer is refused while readers are there.
     let e = open_used(&uniq("w"), &FileOptions::new(&f.0), &t).unwrap_err();
     assert_eq!(e.kind(), ErrorKind::PermissionConflict);
@@ -731,6 +702,71 @@ fn write_through(node: &Arc<Node>, t: &IoThread, offset: u64, data: &'static [u8
     .unwrap();
 }
 
+/// The access mode of a descriptor opened read-only or read-write, and its name.
+fn access_mode(read_only: bool) -> (i32, &'static str) {
+    if read_only {
+        (libc::O_RDONLY, "read-only")
+    } else {
+        (libc::O_RDWR, "read-write")
+    }
+}
+
+/// A file node on `path` with one user edge `e`, reopened in transactions under `m`.
+struct Reopen<'a> {
+    m: &'a Mutation,
+    node: &'a Arc<Node>,
+    e: &'a Arc<graph::Edge>,
+    path: &'a str,
+}
+
+impl Reopen<'_> {
+    /// Prepares the reopen to `read_only`, the user taking `to`, and then a failing step: while
+    /// prepared, a descriptor of the new mode stands beside the one descriptor the node had;
+    /// after the rollback that one is left alone, and the lock bytes, the driver's lock state,
+    /// the read-only flag and the permissions (`from`) are as before.
+    fn rolled_back(&self, read_only: bool, from: (Perm, Perm), to: (Perm, Perm)) {
+        let (node, e, path) = (self.node, self.e, self.path);
+        let fds = fds_on(path);
+        let locks = lock_bytes(path);
+        let state = driver(node).lock_state();
+        let (new_mode, new_name) = access_mode(read_only);
+        let (_, old_name) = access_mode(!read_only);
+        {
+            let mut tx = Transaction::new(self.m);
+            reopen_step(&mut tx, node, e, read_only, to);
+            let during = fds_on(path);
+            assert_eq!(
+                during.len(),
+                2,
+                "a prepared {new_name} descriptor: {during:?}"
+            );
+            assert!(during.contains(&fds[0]));
+            assert!(during
+                .iter()
+                .any(|&(fd, mode)| fd != fds[0].0 && mode == new_mode));
+            failing_step(&mut tx, node);
+        }
+        assert_eq!(fds_on(path), fds, "the {old_name} descriptor, and only it");
+        assert_eq!(lock_bytes(path), locks);
+        assert_eq!(driver(node).lock_state(), state);
+        assert_eq!(node.is_read_only(), !read_only);
+        assert_eq!(e.perms(), from);
+        assert_eq!(node.cumulative_perms(), from);
+    }
+
+    /// Commits the reopen to `read_only`, the user taking `perms`: one descriptor of the new
+    /// mode is left, and the lock bytes are `locks`.
+    fn committed(&self, read_only: bool, perms: (Perm, Perm), locks: &[i64]) {
+        let mut tx = Transaction::new(self.m);
+        reopen_step(&mut tx, self.node, self.e, read_only, perms);
+        tx.commit().unwrap();
+        let fds = fds_on(self.path);
+        assert_eq!(fds.len(), 1);
+        assert_eq!(fds[0].1, access_mode(read_only).0);
+        assert_eq!(lock_bytes(self.path), locks);
+    }
+}
+
 #[test]
 fn reopen_in_a_transaction_then_a_failing_step_leaves_descriptor_and_locks() {
     let f = Scratch::new("reopen-tx").with_pattern(65536);
@@ -750,74 +786,26 @@ fn reopen_in_a_transaction_then_a_failing_step_leaves_descriptor_and_locks() {
     assert_eq!(fds.len(), 1);
     assert_eq!(fds[0].1, libc::O_RDWR);
     assert_eq!(lock_bytes(path), [100, 101, 201, 203]);
-    let state = driver(&node).lock_state();
-    {
-        let mut tx = Transaction::new(&m);
-        reopen_step(&mut tx, &node, &e, true, ro);
-        let during = fds_on(path);
-        assert_eq!(
-            during.len(),
-            2,
-            "a prepared read-only descriptor: {during:?}"
-        );
-        assert!(during.contains(&fds[0]));
-        assert!(during
-            .iter()
-            .any(|&(fd, mode)| fd != fds[0].0 && mode == libc::O_RDONLY));
-        failing_step(&mut tx, &node);
-    }
-    assert_eq!(fds_on(path), fds, "the read-write descriptor, and only it");
-    assert_eq!(lock_bytes(path), [100, 101, 201, 203]);
-    assert_eq!(driver(&node).lock_state(), state);
-    assert!(!node.is_read_only());
-    assert_eq!(e.perms(), rw);
-    assert_eq!(node.cumulative_perms(), rw);
+    let r = Reopen {
+        m: &m,
+        node: &node,
+        e: &e,
+        path,
+    };
+    r.rolled_back(true, rw, ro);
     // Requests still go to a writable descriptor.
     write_through(&node, &t, 10, b"still rw");
     assert_eq!(&std::fs::read(path).unwrap()[10..18], b"still rw");
 
     // The same reopen committed: one read-only descriptor, and the write locks are gone.
-    let mut tx = Transaction::new(&m);
-    reopen_step(&mut tx, &node, &e, true, ro);
-    tx.commit().unwrap();
-    let fds = fds_on(path);
-    assert_eq!(fds.len(), 1);
-    assert_eq!(fds[0].1, libc::O_RDONLY);
-    assert_eq!(lock_bytes(path), [100, 201, 203]);
+    r.committed(true, ro, &[100, 201, 203]);
     assert!(node.is_read_only());
 
     // Read-only -> read-write, then a step that fails.
-    let state = driver(&node).lock_state();
-    {
-        let mut tx = Transaction::new(&m);
-        reopen_step(&mut tx, &node, &e, false, rw);
-        let during = fds_on(path);
-        assert_eq!(
-            during.len(),
-            2,
-            "a prepared read-write descriptor: {during:?}"
-        );
-        assert!(during.contains(&fds[0]));
-        assert!(during
-            .iter()
-            .any(|&(fd, mode)| fd != fds[0].0 && mode == libc::O_RDWR));
-        failing_step(&mut tx, &node);
-    }
-    assert_eq!(fds_on(path), fds, "the read-only descriptor, and only it");
-    assert_eq!(lock_bytes(path), [100, 201, 203]);
-    assert_eq!(driver(&node).lock_state(), state);
-    assert!(node.is_read_only());
-    assert_eq!(e.perms(), ro);
-    assert_eq!(node.cumulative_perms(), ro);
+    r.rolled_back(false, ro, rw);
 
     // And committed: read-write again, with the write locks back.
-    let mut tx = Transaction::new(&m);
-    reopen_step(&mut tx, &node, &e, false, rw);
-    tx.commit().unwrap();
-    let fds = fds_on(path);
-    assert_eq!(fds.len(), 1);
-    assert_eq!(fds[0].1, libc::O_RDWR);
-    assert_eq!(lock_bytes(path), [100, 101, 201, 203]);
+    r.committed(false, rw, &[100, 101, 201, 203]);
     write_through(&node, &t, 20, b"rw again");
     assert_eq!(&std::fs::read(path).unwrap()[20..28], b"rw again");
 }
@@ -842,7 +830,7 @@ fn reopen_read_write_refused_while<'a>(
     let mut tx = Transaction::new(&m);
     let e = tx.attach_user(&u, &node, CR, Perm::ALL).unwrap();
     tx.commit().unwrap();
-    let ro = (CR, Perm::ALL);
+    let (ro, rw) = ((CR, Perm::ALL), (CR | W, CR | WU));
 
     let fds = fds_on(path);
     let locks = lock_bytes(path);
@@ -855,7 +843,7 @@ fn reopen_read_write_refused_while<'a>(
     assert_eq!(before, (true, ro, ro));
 
     let mut tx = Transaction::new(&m);
-    reopen_step(&mut tx, &node, &e, false, (CR | W, CR | WU));
+    reopen_step(&mut tx, &node, &e, false, rw);
     let err = tx.commit().unwrap_err();
     assert_eq!(err.kind(), ErrorKind::PermissionConflict);
     assert_eq!(
@@ -880,13 +868,13 @@ fn reopen_read_write_refused_while<'a>(
     release();
     let m = mutation();
     assert_eq!(lock_bytes(path), [100], "our read lock, nothing more");
-    let mut tx = Transaction::new(&m);
-    reopen_step(&mut tx, &node, &e, false, (CR | W, CR | WU));
-    tx.commit().unwrap();
-    let after = fds_on(path);
-    assert_eq!(after.len(), 1);
-    assert_eq!(after[0].1, libc::O_RDWR);
-    assert_eq!(lock_bytes(path), [100, 101, 201, 203]);
+    let r = Reopen {
+        m: &m,
+        node: &node,
+        e: &e,
+        path,
+    };
+    r.committed(false, rw, &[100, 101, 201, 203]);
     assert!(!node.is_read_only());
 }
 
@@ -921,33 +909,15 @@ fn reopen_read_write_is_refused_at_commit_while_an_independent_open_unshares_wri
 
 #[test]
 fn reopen_read_write_is_refused_at_commit_while_qemu_reads_a_qcow2() {
-    let Some(qemu_io) = qemu_tool("qemu-io") else {
-        return;
-    };
-    let Some(qemu_img) = qemu_tool("qemu-img") else {
+    let Some((qemu_io, qemu_img)) = qemu_io_and_img() else {
         return;
     };
     let f = Scratch::new("reopen-qemu");
-    let out = Command::new(qemu_img)
-        .args(["create", "-f", "qcow2", f.path(), "1M"])
-        .output()
-        .unwrap();
-    assert!(out.status.success());
+    run_tool(&[qemu_img, "create", "-f", "qcow2", f.path(), "1M"]);
     let path = f.path().to_string();
     reopen_read_write_refused_while(&f, move || {
         // Another process: a qcow2 reader does not share write on its file.
-        let child = Command::new(qemu_io)
-            .args(["-r", "-f", "qcow2", &path])
-            .stdin(Stdio::piped())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while !byte_locked(&path, 201) {
-            assert!(Instant::now() < deadline, "qemu-io never locked {path}");
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        let child = qemu_io_holding(qemu_io, &path, true, "qcow2", 201);
         Box::new(move || stop(child))
     });
 }

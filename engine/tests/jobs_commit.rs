@@ -7,21 +7,14 @@ mod common;
 use std::sync::Arc;
 
 use common::{
-    assert_check_clean, make_chain, open_chain, qemu_backing, qemu_content, qemu_tool, uniq,
+    assert_all_clean, assert_backing, assert_check_clean, default_engine, have_qemu, make_chain,
+    open_chain, qemu_content, qemu_img_create, run_qemu_io, uniq,
 };
 use engine::job::commit::CommitArgs;
 use engine::job::{JobEventKind, JobStatus};
-use engine::{BackendOptions, Engine, EngineOptions, ErrorKind, IoBuf};
+use engine::{BackendOptions, ErrorKind, IoBuf};
 
 const MIB: u64 = 1 << 20;
-
-fn engine() -> Engine {
-    Engine::new(EngineOptions::default()).unwrap()
-}
-
-fn have_qemu() -> bool {
-    qemu_tool("qemu-img").is_some() && qemu_tool("qemu-io").is_some()
-}
 
 #[test]
 fn intermediate_commit_cuts_the_images_out() {
@@ -31,7 +24,7 @@ fn intermediate_commit_cuts_the_images_out() {
     let imgs = make_chain("/var/tmp", "ci", 4, 4 * MIB);
     let before = qemu_content(imgs[3].path());
     let mid = qemu_content(imgs[2].path());
-    let e = engine();
+    let e = default_engine();
     let n = open_chain(&e, &imgs, "ci");
     let mut a = CommitArgs::new(&n[3]);
     a.top_node = Some(n[2].clone());
@@ -49,13 +42,8 @@ fn intermediate_commit_cuts_the_images_out() {
     assert!(e.node(&n[2]).unwrap().parents().is_empty(), "top cut out");
     drop(top);
     drop(e);
-    assert_eq!(
-        qemu_backing(imgs[3].path()).as_deref(),
-        Some(imgs[0].path())
-    );
-    for i in &imgs {
-        assert_check_clean(i.path());
-    }
+    assert_backing(imgs[3].path(), Some(imgs[0].path()));
+    assert_all_clean(&imgs);
     assert_eq!(qemu_content(imgs[3].path()), before);
     // Base reads as image 2's chain did: images 1 and 2 went into it.
     assert_eq!(qemu_content(imgs[0].path()), mid);
@@ -68,7 +56,7 @@ fn commit_by_file_names() {
     }
     let imgs = make_chain("/var/tmp", "cf", 3, 2 * MIB);
     let before = qemu_content(imgs[2].path());
-    let e = engine();
+    let e = default_engine();
     let n = open_chain(&e, &imgs, "cf");
     let mut a = CommitArgs::new(&n[2]);
     a.top = Some(imgs[1].path().to_string());
@@ -76,10 +64,7 @@ fn commit_by_file_names() {
     a.backing_file = Some(imgs[0].path().to_string());
     assert_eq!(e.commit(a).unwrap().wait().error, None);
     drop(e);
-    assert_eq!(
-        qemu_backing(imgs[2].path()).as_deref(),
-        Some(imgs[0].path())
-    );
+    assert_backing(imgs[2].path(), Some(imgs[0].path()));
     assert_eq!(qemu_content(imgs[2].path()), before);
 }
 
@@ -89,7 +74,7 @@ fn commit_argument_errors_have_qemus_texts() {
         return;
     }
     let imgs = make_chain("/var/tmp", "ce", 3, 2 * MIB);
-    let e = engine();
+    let e = default_engine();
     let n = open_chain(&e, &imgs, "ce");
     let err = |f: &dyn Fn(&mut CommitArgs)| {
         let mut a = CommitArgs::new(&n[2]);
@@ -173,7 +158,7 @@ fn active_commit_ready_complete_pivots_the_guest_to_base() {
         return;
     }
     let imgs = make_chain("/var/tmp", "ca", 3, 4 * MIB);
-    let e = engine();
+    let e = default_engine();
     let n = open_chain(&e, &imgs, "ca");
     let guest = e.backend(&n[2], &[], BackendOptions::default()).unwrap();
     let events = e.jobs().subscribe();
@@ -218,7 +203,7 @@ fn active_commit_soft_cancel_after_ready_keeps_both_chains() {
         return;
     }
     let imgs = make_chain("/var/tmp", "cc", 3, 4 * MIB);
-    let e = engine();
+    let e = default_engine();
     let n = open_chain(&e, &imgs, "cc");
     let guest = e.backend(&n[2], &[], BackendOptions::default()).unwrap();
     let events = e.jobs().subscribe();
@@ -243,9 +228,7 @@ fn active_commit_soft_cancel_after_ready_keeps_both_chains() {
     assert!(e.node(&n[0]).unwrap().is_read_only());
     drop(guest);
     drop(e);
-    for i in &imgs {
-        assert_check_clean(i.path());
-    }
+    assert_all_clean(&imgs);
     // Both chains valid: the top chain reads as at the cancel, and base is a copy of it.
     assert_eq!(qemu_content(imgs[2].path()), &at_cancel[..]);
     assert_eq!(qemu_content(imgs[0].path()), &at_cancel[..]);
@@ -258,7 +241,7 @@ fn active_commit_force_cancel_leaves_the_chain_as_it_was() {
     }
     let imgs = make_chain("/var/tmp", "cx", 3, 8 * MIB);
     let before = qemu_content(imgs[2].path());
-    let e = engine();
+    let e = default_engine();
     let n = open_chain(&e, &imgs, "cx");
     let mut a = CommitArgs::new(&n[2]);
     a.job_id = Some(uniq("force"));
@@ -281,9 +264,7 @@ fn active_commit_force_cancel_leaves_the_chain_as_it_was() {
     drop(top);
     drop(e);
     assert_eq!(qemu_content(imgs[2].path()), before);
-    for i in &imgs {
-        assert_check_clean(i.path());
-    }
+    assert_all_clean(&imgs);
 }
 
 #[test]
@@ -292,7 +273,7 @@ fn job_verbs_follow_the_state_table() {
         return;
     }
     let imgs = make_chain("/var/tmp", "cv", 2, 8 * MIB);
-    let e = engine();
+    let e = default_engine();
     let n = open_chain(&e, &imgs, "cv");
     let mut a = CommitArgs::new(&n[1]);
     a.job_id = Some(uniq("verbs"));
@@ -349,32 +330,13 @@ fn short_base_chain(tag: &str) -> Vec<common::Scratch> {
     let imgs: Vec<common::Scratch> = (0..3)
         .map(|i| common::Scratch::new_in("/var/tmp", &format!("{tag}{i}")))
         .collect();
-    common::run_tool(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        imgs[0].path(),
-        "1M",
-    ]);
+    qemu_img_create("qcow2", imgs[0].path(), None, Some(MIB));
     for i in 1..3 {
-        common::run_tool(&[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            imgs[i - 1].path(),
-            "-F",
-            "qcow2",
-            imgs[i].path(),
-            "4M",
-        ]);
+        let backing = Some((imgs[i - 1].path(), "qcow2"));
+        qemu_img_create("qcow2", imgs[i].path(), backing, Some(4 * MIB));
     }
     let io = |img: &common::Scratch, cmd: &str| {
-        common::run_tool(&["qemu-io", "-f", "qcow2", "-c", cmd, img.path()]);
+        run_qemu_io("qcow2", img.path(), &[cmd]);
     };
     io(&imgs[0], "write -P 1 0 1M");
     io(&imgs[1], "write -P 2 512k 1M");
@@ -391,7 +353,7 @@ fn intermediate_commit_grows_a_shorter_base_first() {
     let imgs = short_base_chain("cg");
     let before = qemu_content(imgs[2].path());
     let mid = qemu_content(imgs[1].path());
-    let e = engine();
+    let e = default_engine();
     let n = open_chain(&e, &imgs, "cg");
     let mut a = CommitArgs::new(&n[2]);
     a.top_node = Some(n[1].clone());
@@ -413,7 +375,7 @@ fn active_commit_grows_a_shorter_base_first() {
     }
     let imgs = short_base_chain("cag");
     let before = qemu_content(imgs[2].path());
-    let e = engine();
+    let e = default_engine();
     let n = open_chain(&e, &imgs, "cag");
     let guest = e.backend(&n[2], &[], BackendOptions::default()).unwrap();
     let mut a = CommitArgs::new(&n[2]);
@@ -439,7 +401,7 @@ fn reopen_goes_through_a_filter_to_the_file() {
     use engine::drivers::file::FileOptions;
     use engine::{BackingSpec, ChildSpec, DriverSpec, NodeSpec};
     let imgs = make_chain("/var/tmp", "rf", 1, MIB);
-    let e = engine();
+    let e = default_engine();
     let name = uniq("rf");
     let file = NodeSpec {
         node_name: None,
@@ -494,7 +456,7 @@ fn reopening_read_only_cuts_the_preallocated_tail() {
         return;
     }
     let imgs = make_chain("/var/tmp", "rt", 2, 32 * MIB);
-    let e = engine();
+    let e = default_engine();
     let n = open_chain(&e, &imgs, "rt");
     let g = e.backend(&n[1], &[], BackendOptions::default()).unwrap();
     for i in 0..16u64 {

@@ -14,73 +14,28 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{assert_check_clean, qemu_backing, qemu_content, qemu_tool, run_tool, uniq, Scratch};
+use common::{
+    assert_all_clean, assert_backing, assert_check_clean, create_image, default_engine, file_spec,
+    have_qemu, next_event, qemu_backing, qemu_content, qemu_img_create, run_qemu_io, run_tool,
+    uniq, Scratch,
+};
 use crossbeam_channel::Receiver;
-use engine::drivers::file::FileOptions;
 use engine::drivers::null::NullOptions;
 use engine::job::commit::CommitArgs;
 use engine::job::{Job, JobEvent, JobEventKind, JobStatus, JobType};
-use engine::{
-    BackendOptions, BackingSpec, ChildSpec, DriverSpec, Engine, EngineOptions, ErrorKind, NodeSpec,
-};
+use engine::{BackendOptions, BackingSpec, ChildSpec, DriverSpec, Engine, ErrorKind, NodeSpec};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
 
-fn engine() -> Engine {
-    Engine::new(EngineOptions::default()).unwrap()
-}
-
-fn have_qemu() -> bool {
-    qemu_tool("qemu-img").is_some() && qemu_tool("qemu-io").is_some()
-}
-
-/// iotests.create_image: every 512-byte sector holds its index (big-endian i32) in its first
-/// and last four bytes, zeroes between.
-fn create_image(path: &str, len: u64) {
-    let mut v = vec![0u8; len as usize];
-    for (i, s) in v.chunks_mut(512).enumerate() {
-        let b = (i as i32).to_be_bytes();
-        s[..4].copy_from_slice(&b);
-        s[508..].copy_from_slice(&b);
-    }
-    std::fs::write(path, v).unwrap();
-}
-
-fn qemu_img_create(fmt: &str, path: &str, backing: Option<(&str, &str)>, size: Option<u64>) {
-    let size = size.map(|s| s.to_string());
-    let mut args = vec!["qemu-img", "create", "-q", "-f", fmt];
-    if let Some((b, bf)) = backing {
-        args.extend(["-b", b, "-F", bf]);
-    }
-    args.push(path);
-    if let Some(s) = &size {
-        args.push(s);
-    }
-    run_tool(&args);
-}
-
-fn qemu_io(fmt: &str, path: &str, cmd: &str) -> String {
-    run_tool(&["qemu-io", "-f", fmt, "-c", cmd, path])
-}
-
 /// 040's `qemu_io('-c', 'read -P ...').find("verification failed") == -1`.
 fn assert_pattern(fmt: &str, path: &str, pattern: u8, off: u64, len: u64) {
-    let out = qemu_io(fmt, path, &format!("read -P {pattern:#x} {off} {len}"));
+    let out = run_qemu_io(fmt, path, &[format!("read -P {pattern:#x} {off} {len}")]);
     assert!(
         !out.contains("verification failed"),
         "{path}: pattern {pattern:#x} at {off}+{len}: {out}"
     );
-}
-
-fn file_spec(path: &str, read_only: bool) -> ChildSpec {
-    ChildSpec::Spec(Box::new(NodeSpec {
-        node_name: None,
-        read_only,
-        driver: DriverSpec::File(FileOptions::new(path)),
-    }))
 }
 
 fn qcow2_spec(name: &str, path: &str, read_only: bool, backing: BackingSpec) -> NodeSpec {
@@ -125,13 +80,6 @@ fn backing_spec(spec: NodeSpec) -> BackingSpec {
 /// Whether a node of that name is still open (040's `node_info(name) is not None`).
 fn node_exists(name: &str) -> bool {
     engine::engine::lookup(name).is_ok()
-}
-
-/// The next job event (a failsafe timeout: a lost event fails instead of hanging).
-fn next_event(rx: &Receiver<JobEvent>) -> JobEventKind {
-    rx.recv_timeout(Duration::from_secs(120))
-        .expect("no job event within 120 s")
-        .kind
 }
 
 /// 040's wait_for_complete: until BLOCK_JOB_COMPLETED (no error, type commit, offset = len);
@@ -232,8 +180,8 @@ fn single_drive_images(tag: &str, len: u64) -> SingleDrive {
     qemu_img_create("qcow2", test.path(), Some((mid.path(), "qcow2")), None);
     if len > 0 {
         // (With empty images QEMU's writes fail and its test goes on; here they are skipped.)
-        qemu_io("raw", backing.path(), "write -P 0xab 0 524288");
-        qemu_io("qcow2", mid.path(), "write -P 0xef 524288 524288");
+        run_qemu_io("raw", backing.path(), &["write -P 0xab 0 524288"]);
+        run_qemu_io("qcow2", mid.path(), &["write -P 0xef 524288 524288"]);
     }
     SingleDrive {
         backing,
@@ -283,7 +231,7 @@ impl SingleDrive {
 fn commit_mid_into_base(tag: &str, len: u64, by_node_name: bool) {
     let imgs = single_drive_images(tag, len);
     let before = qemu_content(imgs.test.path());
-    let e = engine();
+    let e = default_engine();
     let n = imgs.open(&e);
     let mut a = CommitArgs::new(&n.top);
     if by_node_name {
@@ -302,10 +250,7 @@ fn commit_mid_into_base(tag: &str, len: u64, by_node_name: bool) {
     drop((top, base));
     drop(e);
     imgs.assert_base_data();
-    assert_eq!(
-        qemu_backing(imgs.test.path()).as_deref(),
-        Some(imgs.backing.path())
-    );
+    assert_backing(imgs.test.path(), Some(imgs.backing.path()));
     assert_check_clean(imgs.test.path());
     assert_eq!(qemu_content(imgs.test.path()), before);
 }
@@ -315,7 +260,7 @@ fn commit_mid_into_base(tag: &str, len: u64, by_node_name: bool) {
 fn commit_active(tag: &str, len: u64, name_top: bool) {
     let imgs = single_drive_images(tag, len);
     let before = qemu_content(imgs.test.path());
-    let e = engine();
+    let e = default_engine();
     let n = imgs.open(&e);
     let device = e.backend(&n.top, &[], BackendOptions::default()).unwrap();
     let mut a = CommitArgs::new(&n.top);
@@ -386,7 +331,7 @@ fn single_drive_argument_errors() {
     }
     for len in [2 * MIB, 0] {
         let imgs = single_drive_images("sd-err", len);
-        let e = engine();
+        let e = default_engine();
         let n = imgs.open(&e);
         let (mid, backing) = (imgs.mid.path(), imgs.backing.path());
         let err = |f: &dyn Fn(&mut CommitArgs)| {
@@ -566,8 +511,8 @@ fn relative_paths(tag: &str) -> RelativePaths {
     run_tool(&[
         "qemu-img", "rebase", "-u", "-b", REL_MID, "-F", "qcow2", &test_img,
     ]);
-    qemu_io("raw", &backing_abs, "write -P 0xab 0 524288");
-    qemu_io("qcow2", &mid_abs, "write -P 0xef 524288 524288");
+    run_qemu_io("raw", &backing_abs, &["write -P 0xab 0 524288"]);
+    run_qemu_io("qcow2", &mid_abs, &["write -P 0xef 524288 524288"]);
     RelativePaths {
         _dir: dir,
         test_img,
@@ -602,7 +547,7 @@ fn relative_paths_commit() {
     }
     let r = relative_paths("rel-commit");
     let before = qemu_content(&r.test_img);
-    let e = engine();
+    let e = default_engine();
     let top = r.open(&e);
     let mut a = CommitArgs::new(&top);
     a.top = Some(REL_MID.into());
@@ -631,7 +576,7 @@ fn relative_paths_top_is_active() {
     }
     let r = relative_paths("rel-active");
     let before = qemu_content(&r.test_img);
-    let e = engine();
+    let e = default_engine();
     let top = r.open(&e);
     let device = e.backend(&top, &[], BackendOptions::default()).unwrap();
     let mut a = CommitArgs::new(&top);
@@ -652,7 +597,7 @@ fn relative_paths_argument_errors() {
         return;
     }
     let r = relative_paths("rel-err");
-    let e = engine();
+    let e = default_engine();
     let top = r.open(&e);
     let msg = |f: &dyn Fn(&mut CommitArgs)| {
         let mut a = CommitArgs::new(&top);
@@ -721,10 +666,10 @@ fn set_speed() {
     qemu_img_create("raw", backing.path(), None, Some(len));
     qemu_img_create("qcow2", mid.path(), Some((backing.path(), "raw")), None);
     qemu_img_create("qcow2", test.path(), Some((mid.path(), "qcow2")), None);
-    qemu_io("qcow2", test.path(), "write -P 0x1 0 512");
-    qemu_io("qcow2", mid.path(), "write -P 0xef 524288 8M");
+    run_qemu_io("qcow2", test.path(), &["write -P 0x1 0 512"]);
+    run_qemu_io("qcow2", mid.path(), &["write -P 0xef 524288 8M"]);
     let before = qemu_content(test.path());
-    let e = engine();
+    let e = default_engine();
     let (top, mid_n, base) = (uniq("sp-top"), uniq("sp-mid"), uniq("sp-base"));
     e.add_node(qcow2_spec(
         &top,
@@ -793,7 +738,7 @@ fn set_speed() {
     assert!(e.node(&base).unwrap().is_read_only());
     drop(t);
     drop(e);
-    assert_eq!(qemu_backing(test.path()).as_deref(), Some(mid.path()));
+    assert_backing(test.path(), Some(mid.path()));
     assert_check_clean(test.path());
     assert_check_clean(mid.path());
     assert_eq!(qemu_content(test.path()), before);
@@ -828,9 +773,9 @@ fn reopen_overlay() {
         Some((imgs[2].path(), "qcow2")),
         None,
     );
-    qemu_io("qcow2", imgs[1].path(), "write -P 0xab 0 128K");
+    run_qemu_io("qcow2", imgs[1].path(), &["write -P 0xab 0 128K"]);
     let before = qemu_content(imgs[3].path());
-    let e = engine();
+    let e = default_engine();
     let top = uniq("ro-top");
     e.add_node(qcow2_spec(
         &top,
@@ -850,17 +795,9 @@ fn reopen_overlay() {
     assert_eq!(base.driver_name(), "raw");
     drop((overlay, base));
     drop(e);
-    assert_eq!(
-        qemu_backing(imgs[2].path()).as_deref(),
-        Some(imgs[0].path())
-    );
-    assert_eq!(
-        qemu_backing(imgs[3].path()).as_deref(),
-        Some(imgs[2].path())
-    );
-    for i in &imgs[1..] {
-        assert_check_clean(i.path());
-    }
+    assert_backing(imgs[2].path(), Some(imgs[0].path()));
+    assert_backing(imgs[3].path(), Some(imgs[2].path()));
+    assert_all_clean(&imgs[1..]);
     assert_pattern("raw", imgs[0].path(), 0xab, 0, 128 * KIB);
     assert_eq!(qemu_content(imgs[3].path()), before);
 }
@@ -887,7 +824,11 @@ fn with_filters(tag: &str, e: &Engine) -> WithFilters {
         .collect();
     for (i, img) in imgs.iter().enumerate() {
         qemu_img_create("qcow2", img.path(), None, Some(64 * MIB));
-        qemu_io("qcow2", img.path(), &format!("write -P {} {i}M 1M", i + 1));
+        run_qemu_io(
+            "qcow2",
+            img.path(),
+            &[format!("write -P {} {i}M 1M", i + 1)],
+        );
     }
     let cow: Vec<String> = (0..4).map(|i| uniq(&format!("cow-{i}"))).collect();
     let (top_filter, bottom_filter) = (uniq("top-filter"), uniq("bottom-filter"));
@@ -917,7 +858,11 @@ impl WithFilters {
     fn check(&self) {
         for (index, &f) in self.pattern_files.iter().enumerate() {
             let path = self.imgs[f].path();
-            let out = qemu_io("qcow2", path, &format!("read -P {} {index}M 1M", index + 1));
+            let out = run_qemu_io(
+                "qcow2",
+                path,
+                &[format!("read -P {} {index}M 1M", index + 1)],
+            );
             assert!(
                 !out.contains("Pattern verification failed"),
                 "pattern {} in {path}: {out}",
@@ -933,7 +878,7 @@ fn filterless_commit() {
     if !have_qemu() {
         return;
     }
-    let e = engine();
+    let e = default_engine();
     let mut f = with_filters("wf-less", &e);
     let mut a = f.args();
     a.top_node = Some(f.cow[2].clone());
@@ -951,10 +896,7 @@ fn filterless_commit() {
     // 2 has been committed into 1.
     f.pattern_files[2] = 1;
     f.check();
-    assert_eq!(
-        qemu_backing(f.imgs[3].path()).as_deref(),
-        Some(f.imgs[1].path())
-    );
+    assert_backing(f.imgs[3].path(), Some(f.imgs[1].path()));
 }
 
 #[test]
@@ -962,7 +904,7 @@ fn commit_through_filter() {
     if !have_qemu() {
         return;
     }
-    let e = engine();
+    let e = default_engine();
     let mut f = with_filters("wf-through", &e);
     let mut a = f.args();
     a.top_node = Some(f.cow[1].clone());
@@ -989,7 +931,7 @@ fn filtered_active_commit_with_filter() {
     if !have_qemu() {
         return;
     }
-    let e = engine();
+    let e = default_engine();
     let mut f = with_filters("wf-with", &e);
     // A device, so the job finds a parent to point at base.
     let device = e
@@ -1024,7 +966,7 @@ fn filtered_active_commit_without_filter() {
     if !have_qemu() {
         return;
     }
-    let e = engine();
+    let e = default_engine();
     let mut f = with_filters("wf-without", &e);
     let mut a = f.args();
     a.top_node = Some(f.cow[3].clone());
@@ -1065,8 +1007,8 @@ fn short_raw_base(tag: &str) -> [Scratch; 3] {
         Some((mid.path(), "qcow2")),
         Some(2 * MIB),
     );
-    qemu_io("qcow2", mid.path(), "write -P 0xef 512K 1M");
-    qemu_io("qcow2", top.path(), "write -P 0x22 1792K 64K");
+    run_qemu_io("qcow2", mid.path(), &["write -P 0xef 512K 1M"]);
+    run_qemu_io("qcow2", top.path(), &["write -P 0x22 1792K 64K"]);
     [base, mid, top]
 }
 
@@ -1099,7 +1041,7 @@ fn commit_into_smaller_base(tag: &str, read_only: bool) {
     let imgs = short_raw_base(tag);
     let before = qemu_content(imgs[2].path());
     let mid = qemu_content(imgs[1].path());
-    let e = engine();
+    let e = default_engine();
     let n = open_short_raw_base(&e, &imgs, read_only);
     let mut a = CommitArgs::new(&n.top);
     a.top_node = Some(n.mid.clone());
@@ -1108,10 +1050,7 @@ fn commit_into_smaller_base(tag: &str, read_only: bool) {
     drop(e);
     assert_eq!(std::fs::metadata(imgs[0].path()).unwrap().len(), 2 * MIB);
     assert_eq!(std::fs::read(imgs[0].path()).unwrap(), mid);
-    assert_eq!(
-        qemu_backing(imgs[2].path()).as_deref(),
-        Some(imgs[0].path())
-    );
+    assert_backing(imgs[2].path(), Some(imgs[0].path()));
     assert_check_clean(imgs[2].path());
     assert_eq!(qemu_content(imgs[2].path()), before);
 }
@@ -1120,7 +1059,7 @@ fn commit_into_smaller_base(tag: &str, read_only: bool) {
 fn active_commit_into_smaller_base(tag: &str, read_only: bool) {
     let imgs = short_raw_base(tag);
     let before = qemu_content(imgs[2].path());
-    let e = engine();
+    let e = default_engine();
     let n = open_short_raw_base(&e, &imgs, read_only);
     let device = e.backend(&n.top, &[], BackendOptions::default()).unwrap();
     run_commit(&e, CommitArgs::new(&n.top), true);

@@ -5,11 +5,11 @@
 
 mod common;
 
-use common::{assert_check_clean, make_chain, open_chain, qemu_backing, qemu_content, qemu_tool};
-use common::{run_tool, uniq, Scratch};
+use common::{assert_backing, assert_check_clean, default_engine, have_qemu, make_chain};
+use common::{open_chain, qemu_allocated, qemu_backing, qemu_content, run_qemu_io, uniq, Scratch};
 use engine::job::stream::StreamArgs;
 use engine::job::JobStatus;
-use engine::{BackendOptions, ChildSpec, DriverSpec, Engine, EngineOptions, IoBuf, NodeSpec};
+use engine::{BackendOptions, ChildSpec, DriverSpec, Engine, IoBuf, NodeSpec};
 
 const MIB: u64 = 1 << 20;
 const SIZE: u64 = 16 * MIB;
@@ -17,36 +17,14 @@ const SIZE: u64 = 16 * MIB;
 const FAR: u64 = 12 * MIB;
 const FAR_LEN: u64 = 4 * MIB;
 
-fn have_qemu() -> bool {
-    qemu_tool("qemu-img").is_some() && qemu_tool("qemu-io").is_some()
-}
-
 /// A 3-image chain (see `make_chain`) whose base also holds `[FAR, FAR + FAR_LEN)`; returns
 /// the images and the chain's content as QEMU reads it.
 fn chain(tag: &str) -> (Vec<Scratch>, Vec<u8>) {
     let imgs = make_chain("/var/tmp", tag, 3, SIZE);
     let cmd = format!("write -P 0x5a {FAR} {FAR_LEN}");
-    run_tool(&["qemu-io", "-f", "qcow2", "-c", &cmd, imgs[0].path()]);
+    run_qemu_io("qcow2", imgs[0].path(), &[cmd]);
     let content = qemu_content(imgs[2].path());
     (imgs, content)
-}
-
-/// How many bytes of `[off, off + len)` `path` (qcow2) holds itself.
-fn allocated(path: &str, off: u64, len: u64) -> u64 {
-    let out = run_tool(&[
-        "qemu-io",
-        "-f",
-        "qcow2",
-        "-r",
-        "-U",
-        "-c",
-        &format!("alloc {off} {len}"),
-        path,
-    ]);
-    out.split('/')
-        .next()
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("unexpected qemu-io alloc output: {out}"))
 }
 
 /// Reads `[off, off + len)` through `b` in 256 KiB requests and checks it against `expected`.
@@ -91,8 +69,8 @@ fn guest_reads_during_a_stream_do_not_copy() {
     }
     let (imgs, expected) = chain("corsr");
     let top = imgs[2].path().to_string();
-    assert_eq!(allocated(&top, FAR, FAR_LEN), 0);
-    let e = Engine::new(EngineOptions::default()).unwrap();
+    assert_eq!(qemu_allocated(&top, FAR, FAR_LEN), 0);
+    let e = default_engine();
     let names = open_chain(&e, &imgs, "corsr");
     let (b, job) = paused_stream(&e, &names[2]);
     read_and_check(&b, FAR, FAR_LEN, &expected);
@@ -113,7 +91,7 @@ fn guest_reads_during_a_stream_do_not_copy() {
     assert_eq!(st.0, graph::BlockStatus::Unallocated, "{st:?}");
     drop(b);
     drop(e);
-    assert_eq!(allocated(&top, FAR, FAR_LEN), 0, "a guest read copied");
+    assert_eq!(qemu_allocated(&top, FAR, FAR_LEN), 0, "a guest read copied");
     assert!(qemu_backing(&top).is_some());
     assert_eq!(qemu_content(&top), expected);
     assert_check_clean(&top);
@@ -128,7 +106,7 @@ fn a_stream_after_guest_reads_copies_everything() {
     }
     let (imgs, expected) = chain("corsh");
     let top = imgs[2].path().to_string();
-    let e = Engine::new(EngineOptions::default()).unwrap();
+    let e = default_engine();
     let names = open_chain(&e, &imgs, "corsh");
     let (b, job) = paused_stream(&e, &names[2]);
     read_and_check(&b, FAR, FAR_LEN, &expected);
@@ -141,7 +119,7 @@ fn a_stream_after_guest_reads_copies_everything() {
     read_and_check(&b, 0, SIZE, &expected);
     drop(b);
     drop(e);
-    assert_eq!(qemu_backing(&top), None);
+    assert_backing(&top, None);
     assert_eq!(qemu_content(&top), expected);
     assert_check_clean(&top);
 }
@@ -155,7 +133,7 @@ fn a_copy_on_read_node_copies_on_reads() {
     }
     let (imgs, expected) = chain("corn");
     let top = imgs[2].path().to_string();
-    let e = Engine::new(EngineOptions::default()).unwrap();
+    let e = default_engine();
     let names = open_chain(&e, &imgs, "corn");
     let cor = uniq("corn-cor");
     e.add_node(NodeSpec {
@@ -172,11 +150,11 @@ fn a_copy_on_read_node_copies_on_reads() {
     drop(b);
     drop(e);
     assert_eq!(
-        allocated(&top, FAR, MIB),
+        qemu_allocated(&top, FAR, MIB),
         MIB,
         "the read was copied into the top"
     );
-    assert_eq!(allocated(&top, FAR + MIB, FAR_LEN - MIB), 0);
+    assert_eq!(qemu_allocated(&top, FAR + MIB, FAR_LEN - MIB), 0);
     assert!(qemu_backing(&top).is_some());
     assert_eq!(qemu_content(&top), expected);
     assert_check_clean(&top);

@@ -12,9 +12,11 @@
 mod common;
 
 use std::sync::Arc;
-use std::time::Duration;
 
-use common::{assert_check_clean, qemu_backing, qemu_content, qemu_tool, run_tool, uniq, Scratch};
+use common::{
+    assert_backing, assert_check_clean, create_image, default_engine, file_spec, have_qemu,
+    next_event, qemu_allocated, qemu_content, qemu_img_create, run_qemu_io, uniq, Scratch,
+};
 use crossbeam_channel::Receiver;
 use engine::drivers::blkdebug::{BlkdebugOptions, ErrorRule, IoType};
 use engine::drivers::file::FileOptions;
@@ -23,7 +25,7 @@ use engine::job::stream::StreamArgs;
 use engine::job::{
     ErrorAction, IoOp, IoStatus, Job, JobEvent, JobEventKind, JobStatus, JobType, OnError,
 };
-use engine::{BackingSpec, ChildSpec, DriverSpec, Engine, EngineOptions, NodeSpec};
+use engine::{BackingSpec, ChildSpec, DriverSpec, Engine, NodeSpec};
 
 const KIB: u64 = 1024;
 const MIB: u64 = 1024 * KIB;
@@ -32,26 +34,6 @@ const IMAGE_LEN: u64 = 2 * MIB;
 /// iotest 030's STREAM_BUFFER_SIZE (block/stream.c's chunk); the error is injected at this
 /// offset of the backing file (`sector = STREAM_BUFFER_SIZE / 512`).
 const STREAM_BUFFER_SIZE: u64 = 512 * KIB;
-
-fn engine() -> Engine {
-    Engine::new(EngineOptions::default()).unwrap()
-}
-
-fn have_qemu() -> bool {
-    qemu_tool("qemu-img").is_some() && qemu_tool("qemu-io").is_some()
-}
-
-/// iotests.create_image: every 512-byte sector holds its index (big-endian i32) in its first
-/// and last four bytes, zeroes between (struct '>l504xl').
-fn create_image(path: &str, len: u64) {
-    let mut v = vec![0u8; len as usize];
-    for (i, s) in v.chunks_mut(512).enumerate() {
-        let b = (i as i32).to_be_bytes();
-        s[..4].copy_from_slice(&b);
-        s[508..].copy_from_slice(&b);
-    }
-    std::fs::write(path, v).unwrap();
-}
 
 /// A blkdebug `inject-error` rule as QEMU's tests write it: `errno` on the first request of
 /// type `iotype` that covers byte `offset` (`sector = offset / 512`), `once = on`.
@@ -64,38 +46,22 @@ fn rule(iotype: IoType, errno: i32, offset: u64) -> ErrorRule {
     }
 }
 
-fn file(path: &str) -> ChildSpec {
-    ChildSpec::Spec(Box::new(NodeSpec {
-        node_name: None,
-        read_only: false,
-        driver: DriverSpec::File(FileOptions::new(path)),
-    }))
-}
-
 /// `path` through a blkdebug node with `rules` (none: the plain file).
 fn file_through_blkdebug(path: &str, rules: Vec<ErrorRule>) -> ChildSpec {
     if rules.is_empty() {
-        return file(path);
+        return file_spec(path, false);
     }
     ChildSpec::Spec(Box::new(NodeSpec {
         node_name: None,
         read_only: false,
         driver: DriverSpec::Blkdebug {
-            image: file(path),
+            image: file_spec(path, false),
             opts: BlkdebugOptions {
                 inject_error: rules,
                 latency_ns: 0,
             },
         },
     }))
-}
-
-/// The next job event (a failsafe timeout, so a lost event fails the test instead of hanging
-/// it; no test outcome depends on time).
-fn next_event(rx: &Receiver<JobEvent>) -> JobEventKind {
-    rx.recv_timeout(Duration::from_secs(120))
-        .expect("no job event within 120 s")
-        .kind
 }
 
 /// The statuses announced in `events` for job `id`.
@@ -107,24 +73,6 @@ fn statuses(events: &[JobEventKind], id: &str) -> Vec<JobStatus> {
             _ => None,
         })
         .collect()
-}
-
-/// How many bytes of `[off, off + len)` `path` (qcow2) holds itself (`qemu-io -c alloc`).
-fn allocated(path: &str, off: u64, len: u64) -> u64 {
-    let out = run_tool(&[
-        "qemu-io",
-        "-f",
-        "qcow2",
-        "-r",
-        "-U",
-        "-c",
-        &format!("alloc {off} {len}"),
-        path,
-    ]);
-    out.split('/')
-        .next()
-        .and_then(|n| n.trim().parse().ok())
-        .unwrap_or_else(|| panic!("unexpected qemu-io alloc output: {out}"))
 }
 
 // ---------------------------------------------------------------------------------------
@@ -145,19 +93,8 @@ fn stream_errors(tag: &str, errno: i32) -> StreamErrors {
     let backing = Scratch::new_in("/var/tmp", &format!("{tag}-backing"));
     create_image(backing.path(), IMAGE_LEN);
     let top = Scratch::new_in("/var/tmp", &format!("{tag}-test"));
-    run_tool(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        backing.path(),
-        "-F",
-        "raw",
-        top.path(),
-    ]);
-    let e = engine();
+    qemu_img_create("qcow2", top.path(), Some((backing.path(), "raw")), None);
+    let e = default_engine();
     let base_name = uniq(&format!("{tag}-base"));
     let top_name = uniq(&format!("{tag}-top"));
     e.add_node(NodeSpec {
@@ -176,7 +113,7 @@ fn stream_errors(tag: &str, errno: i32) -> StreamErrors {
         node_name: Some(top_name.clone()),
         read_only: false,
         driver: DriverSpec::Qcow2 {
-            file: file(top.path()),
+            file: file_spec(top.path(), false),
             backing: BackingSpec::Node(ChildSpec::Name(base_name)),
             opts: Default::default(),
         },
@@ -237,7 +174,7 @@ impl StreamErrors {
         assert!(e.jobs().list().is_empty());
         drop(t);
         drop(e);
-        assert_eq!(qemu_backing(top.path()).as_deref(), Some(backing.path()));
+        assert_backing(top.path(), Some(backing.path()));
         assert_check_clean(top.path());
         assert_eq!(
             qemu_content(top.path()),
@@ -259,9 +196,9 @@ impl StreamErrors {
         assert!(e.jobs().list().is_empty());
         drop(t);
         drop(e);
-        assert_eq!(qemu_backing(top.path()), None);
+        assert_backing(top.path(), None);
         assert_check_clean(top.path());
-        assert_eq!(allocated(top.path(), 0, IMAGE_LEN), IMAGE_LEN);
+        assert_eq!(qemu_allocated(top.path(), 0, IMAGE_LEN), IMAGE_LEN);
         assert_eq!(
             qemu_content(top.path()),
             std::fs::read(backing.path()).unwrap()
@@ -379,17 +316,23 @@ fn eio_ignore() {
     // Close the images before qemu-io looks at them.
     drop(e);
     let top = top_scratch.path().to_string();
-    assert_eq!(allocated(&top, 0, STREAM_BUFFER_SIZE), STREAM_BUFFER_SIZE);
-    assert_eq!(allocated(&top, STREAM_BUFFER_SIZE, STREAM_BUFFER_SIZE), 0);
     assert_eq!(
-        allocated(
+        qemu_allocated(&top, 0, STREAM_BUFFER_SIZE),
+        STREAM_BUFFER_SIZE
+    );
+    assert_eq!(
+        qemu_allocated(&top, STREAM_BUFFER_SIZE, STREAM_BUFFER_SIZE),
+        0
+    );
+    assert_eq!(
+        qemu_allocated(
             &top,
             2 * STREAM_BUFFER_SIZE,
             IMAGE_LEN - 2 * STREAM_BUFFER_SIZE
         ),
         IMAGE_LEN - 2 * STREAM_BUFFER_SIZE
     );
-    assert_eq!(qemu_backing(&top).as_deref(), Some(backing.path()));
+    assert_backing(&top, Some(backing.path()));
     assert_check_clean(&top);
     assert_eq!(qemu_content(&top), std::fs::read(backing.path()).unwrap());
     drop(top_scratch);
@@ -593,45 +536,12 @@ fn stream_set_speed() {
     }
     let len = 80 * MIB;
     let backing = Scratch::new_in("/var/tmp", "ss-backing");
-    run_tool(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "raw",
-        backing.path(),
-        &len.to_string(),
-    ]);
-    run_tool(&[
-        "qemu-io",
-        "-f",
-        "raw",
-        "-c",
-        "write -P 0x1 0 32M",
-        backing.path(),
-    ]);
+    qemu_img_create("raw", backing.path(), None, Some(len));
+    run_qemu_io("raw", backing.path(), &["write -P 0x1 0 32M"]);
     let top = Scratch::new_in("/var/tmp", "ss-test");
-    run_tool(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        backing.path(),
-        "-F",
-        "raw",
-        top.path(),
-    ]);
-    run_tool(&[
-        "qemu-io",
-        "-f",
-        "qcow2",
-        "-c",
-        "write -P 0x1 32M 32M",
-        top.path(),
-    ]);
-    let e = engine();
+    qemu_img_create("qcow2", top.path(), Some((backing.path(), "raw")), None);
+    run_qemu_io("qcow2", top.path(), &["write -P 0x1 32M 32M"]);
+    let e = default_engine();
     let base_name = uniq("ss-base");
     let top_name = uniq("ss-top");
     e.add_node(NodeSpec {
@@ -642,7 +552,7 @@ fn stream_set_speed() {
                 node_name: None,
                 read_only: true,
                 driver: DriverSpec::Blkdebug {
-                    image: file(backing.path()),
+                    image: file_spec(backing.path(), false),
                     opts: BlkdebugOptions {
                         inject_error: vec![],
                         latency_ns: 50_000_000,
@@ -657,7 +567,7 @@ fn stream_set_speed() {
         node_name: Some(top_name.clone()),
         read_only: false,
         driver: DriverSpec::Qcow2 {
-            file: file(top.path()),
+            file: file_spec(top.path(), false),
             backing: BackingSpec::Node(ChildSpec::Name(base_name)),
             opts: Default::default(),
         },
@@ -751,47 +661,11 @@ fn eh_images(tag: &str) -> EhImages {
     let base = Scratch::new_in("/var/tmp", &format!("{tag}-backing"));
     create_image(base.path(), EH_LEN);
     let mid = Scratch::new_in("/var/tmp", &format!("{tag}-mid"));
-    run_tool(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.path(),
-        "-F",
-        "raw",
-        mid.path(),
-    ]);
+    qemu_img_create("qcow2", mid.path(), Some((base.path(), "raw")), None);
     let top = Scratch::new_in("/var/tmp", &format!("{tag}-test"));
-    run_tool(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        mid.path(),
-        "-F",
-        "qcow2",
-        top.path(),
-    ]);
-    run_tool(&[
-        "qemu-io",
-        "-f",
-        "qcow2",
-        "-c",
-        "write -P 0x11 0 512k",
-        mid.path(),
-    ]);
-    run_tool(&[
-        "qemu-io",
-        "-f",
-        "qcow2",
-        "-c",
-        "write -P 0x22 0 512k",
-        top.path(),
-    ]);
+    qemu_img_create("qcow2", top.path(), Some((mid.path(), "qcow2")), None);
+    run_qemu_io("qcow2", mid.path(), &["write -P 0x11 0 512k"]);
+    run_qemu_io("qcow2", top.path(), &["write -P 0x22 0 512k"]);
     EhImages { base, mid, top }
 }
 
@@ -890,7 +764,7 @@ fn eh_run(
     error_pauses_job: bool,
 ) -> (Vec<JobEventKind>, EhImages) {
     let imgs = eh_images(tag);
-    let e = engine();
+    let e = default_engine();
     let [top, mid, base] = eh_nodes(&e, &imgs, faults);
     let rx = e.jobs().subscribe();
     let mut a = CommitArgs::new(&top);
@@ -1102,20 +976,14 @@ fn commit_active_write_error_ignore() {
 
 /// After an intermediate commit that succeeded, the overlay's header names the base.
 fn assert_overlay_points_at_base(imgs: &EhImages) {
-    assert_eq!(
-        qemu_backing(imgs.top.path()).as_deref(),
-        Some(imgs.base.path())
-    );
+    assert_backing(imgs.top.path(), Some(imgs.base.path()));
     assert_check_clean(imgs.top.path());
     assert_check_clean(imgs.mid.path());
 }
 
 /// After an intermediate commit that failed, the overlay's header still names mid.
 fn assert_overlay_points_at_mid(imgs: &EhImages) {
-    assert_eq!(
-        qemu_backing(imgs.top.path()).as_deref(),
-        Some(imgs.mid.path())
-    );
+    assert_backing(imgs.top.path(), Some(imgs.mid.path()));
     assert_check_clean(imgs.top.path());
     assert_check_clean(imgs.mid.path());
 }
@@ -1238,7 +1106,7 @@ fn create_job_checks_its_target_in_the_job() {
     use engine::drivers::qcow2::create::CreateOptions;
     use engine::job::create::{CreateArgs, CreateTarget};
 
-    let e = engine();
+    let e = default_engine();
     let rx = e.jobs().subscribe();
     let img = Scratch::new("create-target").with_pattern(0);
     let add_file = |name: &str, read_only: bool| {

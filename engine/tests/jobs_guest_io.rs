@@ -25,7 +25,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{assert_check_clean, qemu_content, qemu_tool, run_tool, uniq, Scratch};
+use common::{assert_all_clean, assert_backing, have_qemu, qemu_content, qemu_img_create};
+use common::{run_qemu_io, run_tool, seeded_data, uniq, Rng, Scratch};
 use engine::drivers::file::FileOptions;
 use engine::job::commit::CommitArgs;
 use engine::job::mirror::GRANULARITY;
@@ -49,41 +50,6 @@ const SLOW: i64 = 4 * MIB as i64;
 // ---------------------------------------------------------------------------------------------
 // Data
 // ---------------------------------------------------------------------------------------------
-
-/// splitmix64.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in 0..n (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
-
-/// Write data, distinct for every seed (xorshift64*).
-fn fill(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut v = Vec::with_capacity(len + 8);
-    while v.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        v.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    v.truncate(len);
-    v
-}
-
-fn have_qemu() -> bool {
-    qemu_tool("qemu-img").is_some() && qemu_tool("qemu-io").is_some()
-}
 
 /// The chain: image 0 (base) holds `pattern_at` everywhere; images 1..3 hold extents of
 /// their own (some not cluster-aligned, so their clusters were filled from below), and image
@@ -119,25 +85,13 @@ fn make_images(tag: &str) -> Vec<Scratch> {
     let mut imgs = vec![base];
     for (i, cmds) in layers.iter().enumerate() {
         let s = Scratch::new_in("/var/tmp", &format!("{tag}{}", i + 1));
-        run_tool(&[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            imgs[i].path(),
-            "-F",
+        qemu_img_create(
             "qcow2",
             s.path(),
-            &SIZE.to_string(),
-        ]);
-        let mut args = vec!["qemu-io", "-f", "qcow2"];
-        for c in *cmds {
-            args.extend(["-c", c]);
-        }
-        args.push(s.path());
-        run_tool(&args);
+            Some((imgs[i].path(), "qcow2")),
+            Some(SIZE),
+        );
+        run_qemu_io("qcow2", s.path(), cmds);
         imgs.push(s);
     }
     imgs
@@ -333,7 +287,7 @@ async fn guest_loop(b: &Backend, s: &mut Slice, sh: &Shared, seed: u64) -> Resul
         let at = s.start + off;
         let (o, n) = (off as usize, len as usize);
         if rng.below(2) == 0 && sh.may_write(at, len) {
-            let data = fill(seed ^ (k << 24) ^ 0x5EED, n);
+            let data = seeded_data(seed ^ (k << 24) ^ 0x5EED, n);
             let (r, _) = b.write(at, IoBuf::from_slice(&data)).await;
             r.map_err(|e| {
                 format!(
@@ -607,14 +561,9 @@ fn stream(direct: bool, seed: u64) {
     assert_eq!(r.guest.root().name(), n[3]);
     assert_eq!(r.e.node(&n[3]).unwrap().backing().unwrap().name(), n[0]);
     let (expected, imgs) = r.finish("stream");
-    assert_eq!(
-        common::qemu_backing(imgs[3].path()).as_deref(),
-        Some(imgs[0].path())
-    );
+    assert_backing(imgs[3].path(), Some(imgs[0].path()));
     assert_same(&expected, &imgs[3], "stream");
-    for i in &imgs {
-        assert_check_clean(i.path());
-    }
+    assert_all_clean(&imgs);
 }
 
 /// Commits images 1 and 2 into image 0 while the guest works on the top (image 3): its
@@ -642,19 +591,14 @@ fn intermediate_commit(direct: bool, seed: u64) {
     assert_eq!(r.guest.root().name(), n[3]);
     assert_eq!(r.e.node(&n[3]).unwrap().backing().unwrap().name(), n[0]);
     let (expected, imgs) = r.finish("intermediate commit");
-    assert_eq!(
-        common::qemu_backing(imgs[3].path()).as_deref(),
-        Some(imgs[0].path())
-    );
+    assert_backing(imgs[3].path(), Some(imgs[0].path()));
     assert_same(&expected, &imgs[3], "intermediate commit: the top");
     assert_same(
         &mid,
         &imgs[0],
         "intermediate commit: base (no guest write in it)",
     );
-    for i in &imgs {
-        assert_check_clean(i.path());
-    }
+    assert_all_clean(&imgs);
 }
 
 /// Commits the active top into image 0 while the guest writes: through the copy, READY
@@ -700,9 +644,7 @@ fn active_commit(direct: bool, seed: u64) {
     assert_eq!(r.guest.root().name(), n[0]);
     let (expected, imgs) = r.finish("active commit");
     assert_same(&expected, &imgs[0], "active commit: base (the new top)");
-    for i in &imgs {
-        assert_check_clean(i.path());
-    }
+    assert_all_clean(&imgs);
 }
 
 #[test]

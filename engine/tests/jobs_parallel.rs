@@ -8,13 +8,13 @@ mod common;
 use std::sync::Arc;
 
 use common::{
-    assert_check_clean, open_chain_named, qemu_backing, qemu_content, qemu_io_map, qemu_tool,
-    run_tool, uniq, Scratch,
+    assert_all_clean, assert_backing, default_engine, have_qemu, open_chain_named, qemu_content,
+    qemu_img_create, qemu_io_map, run_qemu_io, run_tool, uniq, Scratch,
 };
 use engine::job::commit::CommitArgs;
 use engine::job::stream::StreamArgs;
 use engine::job::{Job, JobStatus};
-use engine::{Engine, EngineOptions, ErrorKind};
+use engine::{Engine, ErrorKind};
 
 const MIB: u64 = 1 << 20;
 const NUM_OPS: usize = 4;
@@ -37,18 +37,7 @@ fn make_images(dir: &str) -> Vec<Scratch> {
     for i in 1..NUM_IMGS {
         let s = Scratch::new_in(dir, &format!("par{i}"));
         let fmt = if i == 1 { "raw" } else { "qcow2" };
-        run_tool(&[
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-b",
-            imgs[i - 1].path(),
-            "-F",
-            fmt,
-            s.path(),
-        ]);
+        qemu_img_create("qcow2", s.path(), Some((imgs[i - 1].path(), fmt)), None);
         imgs.push(s);
     }
     // Data in the odd images, alternating 2 and 4 MiB so jobs finish out of order.
@@ -56,14 +45,14 @@ fn make_images(dir: &str) -> Vec<Scratch> {
     for (i, &idx) in odd.iter().enumerate() {
         let mb = 2 + 2 * (i % 2);
         let cmd = format!("write -P 0xFF {}M {}M", i * 4, mb);
-        run_tool(&["qemu-io", "-f", "qcow2", "-c", &cmd, imgs[idx].path()]);
+        run_qemu_io("qcow2", imgs[idx].path(), &[cmd]);
     }
     imgs
 }
 
 impl Chain {
     fn new() -> Option<Chain> {
-        if qemu_tool("qemu-img").is_none() || qemu_tool("qemu-io").is_none() {
+        if !have_qemu() {
             return None;
         }
         let imgs = make_images("/var/tmp");
@@ -73,7 +62,7 @@ impl Chain {
     fn open(imgs: Vec<Scratch>) -> Chain {
         let p = uniq("p");
         let names: Vec<String> = (0..NUM_IMGS).map(|i| format!("{p}node{i}")).collect();
-        let e = Engine::new(EngineOptions::default()).unwrap();
+        let e = default_engine();
         open_chain_named(&e, &imgs, &names, true);
         Chain { imgs, names, e }
     }
@@ -126,10 +115,9 @@ fn ok(job: &Arc<Job>) {
     assert_eq!(info.error, None, "job {}", info.id);
 }
 
+/// `qemu-img check` of every qcow2 image (all but the raw base).
 fn check_all(imgs: &[Scratch]) {
-    for i in &imgs[1..] {
-        assert_check_clean(i.path());
-    }
+    assert_all_clean(&imgs[1..]);
 }
 
 #[test]
@@ -275,10 +263,7 @@ fn overlapping_2() {
         c.node(3)
     );
     let imgs = c.close();
-    assert_eq!(
-        qemu_backing(imgs[6].path()).as_deref(),
-        Some(imgs[3].path())
-    );
+    assert_backing(imgs[6].path(), Some(imgs[3].path()));
     check_all(&imgs);
     assert_eq!(qemu_content(imgs[NUM_IMGS - 1].path()), before);
 }
@@ -385,10 +370,7 @@ fn overlapping_5_on(c: Chain, delays: Option<&mut dyn FnMut() -> u64>) -> Vec<Sc
     );
     assert!(c.e.node(&filter).is_err(), "the commit filter is gone");
     let imgs = c.close();
-    assert_eq!(
-        qemu_backing(imgs[4].path()).as_deref(),
-        Some(imgs[0].path())
-    );
+    assert_backing(imgs[4].path(), Some(imgs[0].path()));
     assert_eq!(qemu_content(imgs[NUM_IMGS - 1].path()), before);
     imgs
 }
@@ -491,7 +473,7 @@ fn stream_base_node_name() {
 /// overlapping_5 with random delays before each job's completion, so the two completions
 /// run in every order and at every distance: `rounds` rounds on copies of one chain.
 fn overlapping_5_rounds(rounds: usize) {
-    if qemu_tool("qemu-img").is_none() || qemu_tool("qemu-io").is_none() {
+    if !have_qemu() {
         return;
     }
     let template = make_images("/var/tmp");

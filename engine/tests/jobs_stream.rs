@@ -4,21 +4,13 @@
 mod common;
 
 use common::{
-    assert_check_clean, make_chain, open_chain, qemu_backing, qemu_content, qemu_tool, uniq,
+    assert_all_clean, assert_backing, assert_check_clean, default_engine, have_qemu, make_chain,
+    open_chain, qemu_content, uniq,
 };
 use engine::job::stream::StreamArgs;
 use engine::job::{JobEventKind, JobStatus};
-use engine::{Engine, EngineOptions};
 
 const MIB: u64 = 1 << 20;
-
-fn engine() -> Engine {
-    Engine::new(EngineOptions::default()).unwrap()
-}
-
-fn have_qemu() -> bool {
-    qemu_tool("qemu-img").is_some() && qemu_tool("qemu-io").is_some()
-}
 
 #[test]
 fn stream_whole_chain_into_top() {
@@ -28,7 +20,7 @@ fn stream_whole_chain_into_top() {
     let imgs = make_chain("/var/tmp", "sw", 4, 4 * MIB);
     let top = imgs[3].path().to_string();
     let before = qemu_content(&top);
-    let e = engine();
+    let e = default_engine();
     let names = open_chain(&e, &imgs, "sw");
     let events = e.jobs().subscribe();
     let mut args = StreamArgs::new(&names[3]);
@@ -64,7 +56,7 @@ fn stream_whole_chain_into_top() {
         if id == "stream0" && *len == 4 * MIB && *offset == 4 * MIB)
     ));
     drop(e);
-    assert_eq!(qemu_backing(&top), None);
+    assert_backing(&top, None);
     assert_check_clean(&top);
     assert_eq!(qemu_content(&top), before);
 }
@@ -77,7 +69,7 @@ fn stream_to_a_base_rewrites_the_backing_file() {
     let imgs = make_chain("/var/tmp", "sb", 4, 4 * MIB);
     let top = imgs[3].path().to_string();
     let before = qemu_content(&top);
-    let e = engine();
+    let e = default_engine();
     let names = open_chain(&e, &imgs, "sb");
     let mut args = StreamArgs::new(&names[3]);
     args.base = Some(imgs[1].path().to_string());
@@ -88,7 +80,7 @@ fn stream_to_a_base_rewrites_the_backing_file() {
         names[1]
     );
     drop(e);
-    assert_eq!(qemu_backing(&top).as_deref(), Some(imgs[1].path()));
+    assert_backing(&top, Some(imgs[1].path()));
     assert_check_clean(&top);
     assert_eq!(qemu_content(&top), before);
     // Image 2's own data is in the top now; image 1's stays below.
@@ -103,7 +95,7 @@ fn stream_with_bottom_and_base_node() {
     }
     let imgs = make_chain("/var/tmp", "sbn", 4, 4 * MIB);
     let before = qemu_content(imgs[3].path());
-    let e = engine();
+    let e = default_engine();
     let names = open_chain(&e, &imgs, "sbn");
     // Stream into an intermediate (read-only) image: it is reopened read-write for the job
     // and read-only after.
@@ -123,17 +115,9 @@ fn stream_with_bottom_and_base_node() {
         names[0]
     );
     drop(e);
-    assert_eq!(
-        qemu_backing(imgs[2].path()).as_deref(),
-        Some(imgs[0].path())
-    );
-    assert_eq!(
-        qemu_backing(imgs[3].path()).as_deref(),
-        Some(imgs[0].path())
-    );
-    for i in &imgs {
-        assert_check_clean(i.path());
-    }
+    assert_backing(imgs[2].path(), Some(imgs[0].path()));
+    assert_backing(imgs[3].path(), Some(imgs[0].path()));
+    assert_all_clean(&imgs);
     assert_eq!(qemu_content(imgs[3].path()), before);
 }
 
@@ -143,7 +127,7 @@ fn stream_argument_errors_have_qemus_texts() {
         return;
     }
     let imgs = make_chain("/var/tmp", "se", 3, 2 * MIB);
-    let e = engine();
+    let e = default_engine();
     let n = open_chain(&e, &imgs, "se");
     let err = |f: &dyn Fn(&mut StreamArgs)| {
         let mut a = StreamArgs::new(&n[2]);
@@ -240,7 +224,7 @@ fn job_ids_must_be_unique_and_nodes_free() {
         return;
     }
     let imgs = make_chain("/var/tmp", "su", 3, 8 * MIB);
-    let e = engine();
+    let e = default_engine();
     let n = open_chain(&e, &imgs, "su");
     let mut a = StreamArgs::new(&n[2]);
     a.job_id = Some("busy".into());

@@ -8,16 +8,12 @@ use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::process::Command;
 
-use common::{qemu_tool, run_tool, uniq, Scratch};
+use common::{have_qemu, qemu_img_create, run_qemu_io, run_tool, uniq, Scratch};
 use engine::nbd::proto;
 use engine::nbd::{Export, NbdAddr, NbdServer};
 use engine::{BackendOptions, Engine, EngineOptions};
 
 const MIB: u64 = 1 << 20;
-
-fn have_qemu() -> bool {
-    qemu_tool("qemu-img").is_some() && qemu_tool("qemu-io").is_some()
-}
 
 struct Setup {
     _e: Engine,
@@ -32,43 +28,11 @@ struct Setup {
 fn start(tag: &str, name: &str, writable: bool) -> Setup {
     let base = Scratch::new_in("/var/tmp", &format!("{tag}-base"));
     let img = Scratch::new_in("/var/tmp", &format!("{tag}-top"));
-    run_tool(&["qemu-img", "create", "-q", "-f", "qcow2", base.path(), "4M"]);
-    run_tool(&[
-        "qemu-io",
-        "-f",
-        "qcow2",
-        "-c",
-        "write -P 1 0 1M",
-        base.path(),
-    ]);
-    run_tool(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        base.path(),
-        "-F",
-        "qcow2",
-        img.path(),
-    ]);
-    run_tool(&[
-        "qemu-io",
-        "-f",
-        "qcow2",
-        "-c",
-        "write -P 2 2M 64k",
-        img.path(),
-    ]);
-    run_tool(&[
-        "qemu-io",
-        "-f",
-        "qcow2",
-        "-c",
-        "write -z 3M 64k",
-        img.path(),
-    ]);
+    qemu_img_create("qcow2", base.path(), None, Some(4 * MIB));
+    run_qemu_io("qcow2", base.path(), &["write -P 1 0 1M"]);
+    qemu_img_create("qcow2", img.path(), Some((base.path(), "qcow2")), None);
+    run_qemu_io("qcow2", img.path(), &["write -P 2 2M 64k"]);
+    run_qemu_io("qcow2", img.path(), &["write -z 3M 64k"]);
     let e = Engine::new(EngineOptions {
         iothreads: 2,
         ..Default::default()
@@ -112,7 +76,14 @@ fn uri(s: &Setup, name: &str) -> String {
     format!("nbd+unix:///{name}?socket={}", s.sock.path())
 }
 
-fn qemu_io(args: &[&str]) -> (bool, String) {
+/// Runs qemu-io on `target` (format `fmt`) with each of `cmds` as a `-c` command, in one
+/// process, without failing the test if it fails: whether it succeeded, and its output.
+fn qemu_io<S: AsRef<str>>(fmt: &str, target: &str, cmds: &[S]) -> (bool, String) {
+    let mut args = vec!["-f", fmt];
+    for c in cmds {
+        args.extend(["-c", c.as_ref()]);
+    }
+    args.push(target);
     let out = Command::new("qemu-io").args(args).output().unwrap();
     (
         out.status.success(),
@@ -127,51 +98,38 @@ fn qemu_io_reads_and_writes_through_the_export() {
     }
     let s = start("nbdrw", "disk", true);
     let u = uri(&s, "disk");
-    let (ok, out) = qemu_io(&[
-        "-f",
+    let (ok, out) = qemu_io(
         "raw",
-        "-c",
-        "read -P 1 0 1M",
-        "-c",
-        "read -P 2 2M 64k",
-        "-c",
-        "read -P 0 3M 64k",
-        "-c",
-        "write -P 9 512k 128k",
-        "-c",
-        "read -P 9 512k 128k",
-        "-c",
-        "write -z 2M 4k",
-        "-c",
-        "read -P 0 2M 4k",
-        "-c",
-        "flush",
         &u,
-    ]);
+        &[
+            "read -P 1 0 1M",
+            "read -P 2 2M 64k",
+            "read -P 0 3M 64k",
+            "write -P 9 512k 128k",
+            "read -P 9 512k 128k",
+            "write -z 2M 4k",
+            "read -P 0 2M 4k",
+            "flush",
+        ],
+    );
     assert!(
         ok && !out.contains("fail") && !out.contains("error"),
         "{out}"
     );
     // Many requests in flight: aio writes, then read back.
-    let (ok, out) = qemu_io(&[
-        "-f",
+    let (ok, out) = qemu_io(
         "raw",
-        "-c",
-        "aio_write -P 7 0 64k",
-        "-c",
-        "aio_write -P 8 64k 64k",
-        "-c",
-        "aio_write -P 6 128k 64k",
-        "-c",
-        "aio_flush",
-        "-c",
-        "read -P 7 0 64k",
-        "-c",
-        "read -P 8 64k 64k",
-        "-c",
-        "read -P 6 128k 64k",
         &u,
-    ]);
+        &[
+            "aio_write -P 7 0 64k",
+            "aio_write -P 8 64k 64k",
+            "aio_write -P 6 128k 64k",
+            "aio_flush",
+            "read -P 7 0 64k",
+            "read -P 8 64k 64k",
+            "read -P 6 128k 64k",
+        ],
+    );
     assert!(
         ok && !out.contains("fail") && !out.contains("error"),
         "{out}"
@@ -187,15 +145,11 @@ fn qemu_io_reads_and_writes_through_the_export() {
     drop(server);
     drop(_e);
     common::assert_check_clean(img.path());
-    let (ok, out) = qemu_io(&[
-        "-f",
+    let (ok, out) = qemu_io(
         "qcow2",
-        "-c",
-        "read -P 9 512k 64k",
-        "-c",
-        "read -P 7 0 64k",
         img.path(),
-    ]);
+        &["read -P 9 512k 64k", "read -P 7 0 64k"],
+    );
     assert!(ok && !out.contains("fail"), "{out}");
     drop(base);
 }
@@ -235,7 +189,7 @@ fn qemu_img_map_over_nbd_matches_the_chain() {
     let total: u64 = extents.iter().map(|e| e.1).sum();
     assert_eq!(total, 4 * MIB);
     // A read-only export refuses writes.
-    let (ok, out) = qemu_io(&["-f", "raw", "-c", "write -P 1 0 4k", &uri(&s, "disk")]);
+    let (ok, out) = qemu_io("raw", &uri(&s, "disk"), &["write -P 1 0 4k"]);
     assert!(
         !ok || out.contains("Operation not permitted") || out.contains("read-only"),
         "{out}"
@@ -248,7 +202,7 @@ fn unknown_exports_garbage_and_concurrent_clients() {
         return;
     }
     let s = start("nbdbad", "disk", true);
-    let (ok, out) = qemu_io(&["-f", "raw", "-c", "read 0 4k", &uri(&s, "nope")]);
+    let (ok, out) = qemu_io("raw", &uri(&s, "nope"), &["read 0 4k"]);
     assert!(
         !ok || out.contains("not present") || out.contains("export"),
         "{out}"
@@ -307,7 +261,7 @@ fn unknown_exports_garbage_and_concurrent_clients() {
                 let off = (i * 256 * 1024).to_string();
                 let w = format!("write -P {} {off} 256k", 0x40 + i);
                 let r = format!("read -P {} {off} 256k", 0x40 + i);
-                qemu_io(&["-f", "raw", "-c", &w, "-c", &r, &u])
+                qemu_io("raw", &u, &[&w, &r])
             })
         })
         .collect();
@@ -370,16 +324,7 @@ fn client_io_continues_while_jobs_run() {
     let run_client = |pass: u64| {
         let (cmds, writes) = round(pass);
         let u = u.clone();
-        let h = std::thread::spawn(move || {
-            let mut args: Vec<String> = vec!["-f".into(), "raw".into()];
-            for c in &cmds {
-                args.push("-c".into());
-                args.push(c.clone());
-            }
-            args.push(u);
-            let a: Vec<&str> = args.iter().map(String::as_str).collect();
-            qemu_io(&a)
-        });
+        let h = std::thread::spawn(move || qemu_io("raw", &u, &cmds));
         (h, writes)
     };
     // During a stream of the middle image into the top.

@@ -50,7 +50,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{qemu_tool, Scratch};
+use common::{qemu_tool, seeded_data, Rng, Scratch};
 use engine::drivers::qcow2::create::CreateOptions;
 use engine::drivers::qcow2::{self, Qcow2Options};
 use engine::image::{self, Format, ImageOptions};
@@ -65,58 +65,9 @@ const SECTOR: u64 = 512;
 // Small deterministic helpers
 // ---------------------------------------------------------------------------------------------
 
-/// splitmix64: small, fast, good enough for test workloads.
-#[derive(Clone)]
-struct Rng(u64);
-
-impl Rng {
-    fn new(seed: u64) -> Rng {
-        Rng(seed ^ 0x5DEE_CE66_D1CE_5EED)
-    }
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in 0..n (n > 0).
-    fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-    /// Uniform in lo..=hi.
-    fn range(&mut self, lo: u64, hi: u64) -> u64 {
-        lo + self.below(hi - lo + 1)
-    }
-    /// True with probability num/den.
-    fn chance(&mut self, num: u64, den: u64) -> bool {
-        self.below(den) < num
-    }
-    /// Log-uniform in lo..=hi: small and large values both common.
-    fn log_range(&mut self, lo: u64, hi: u64) -> u64 {
-        let (l, h) = ((lo as f64).ln(), (hi as f64).ln());
-        let x = l + (h - l) * (self.below(1 << 30) as f64 / (1u64 << 30) as f64);
-        (x.exp() as u64).clamp(lo, hi)
-    }
-}
-
-/// Regenerable write data: 8 bytes per step of xorshift64*.
-fn pattern(seed: u64, len: usize) -> Vec<u8> {
-    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    let mut out = Vec::with_capacity(len + 8);
-    while out.len() < len {
-        x ^= x >> 12;
-        x ^= x << 25;
-        x ^= x >> 27;
-        out.extend_from_slice(&x.wrapping_mul(0x2545_F491_4F6C_DD1D).to_le_bytes());
-    }
-    out.truncate(len);
-    out
-}
-
 /// The base image's content: a pattern in its first 7/8, unallocated (zeroes) after.
 fn base_content(size: u64) -> Vec<u8> {
-    let mut v = pattern(0xBA5E, size as usize);
+    let mut v = seeded_data(0xBA5E, size as usize);
     let tail = (size - size / 8) as usize;
     v[tail..].fill(0);
     v
@@ -295,7 +246,7 @@ fn overlay_options(base: &Path, cs: u64, size: u64, refcount_bits: u32) -> Creat
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kind {
-    /// Data from `pattern(seed, len)`.
+    /// Data from `seeded_data(seed, len)`.
     Write(u64),
     /// write_zeroes (with or without may_unmap).
     Zero(bool),
@@ -331,7 +282,7 @@ impl GuestOp {
             return Vec::new();
         };
         match self.kind {
-            Kind::Write(seed) => pattern(seed, (b - a) as usize),
+            Kind::Write(seed) => seeded_data(seed, (b - a) as usize),
             _ => vec![0u8; (b - a) as usize],
         }
     }
@@ -650,7 +601,7 @@ fn sigkill_child_writer() {
                 idx += 1;
                 let n = Arc::clone(&node);
                 handles.push(iothreads::spawn_local(async move {
-                    let data = pattern(s, len as usize);
+                    let data = seeded_data(s, len as usize);
                     let (r, _) = n
                         .write(off, IoBuf::from_slice(&data), WriteFlags::default())
                         .await;
@@ -1187,7 +1138,7 @@ fn record_workload(cfg: LossConfig, base: &Path, seed: u64) -> Recording {
                     log.lock().unwrap().push(Ev::Start(id));
                     let r = match op.kind {
                         Kind::Write(s) => {
-                            let data = pattern(s, op.len as usize);
+                            let data = seeded_data(s, op.len as usize);
                             n.write(op.off, IoBuf::from_slice(&data), WriteFlags::default())
                                 .await
                                 .0
@@ -1691,7 +1642,7 @@ fn no_livelock_on_a_discard_larger_than_the_table_cache() {
                 let (r, _) = node
                     .write(
                         i << 15,
-                        IoBuf::from_slice(&pattern(i, 32 << 10)),
+                        IoBuf::from_slice(&seeded_data(i, 32 << 10)),
                         WriteFlags::default(),
                     )
                     .await;
@@ -1745,7 +1696,7 @@ fn a_new_refcount_block_is_durable_before_the_table_entry_that_points_at_it() {
         let (r, _) = top
             .write(
                 0,
-                IoBuf::from_slice(&pattern(7, 64 << 10)),
+                IoBuf::from_slice(&seeded_data(7, 64 << 10)),
                 WriteFlags::default(),
             )
             .await;

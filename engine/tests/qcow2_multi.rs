@@ -8,16 +8,14 @@ mod common;
 
 use std::process::Command;
 
-use common::{assert_check_clean, qemu_content, qemu_tool, run_tool, Scratch};
+use common::Scratch;
+use common::{assert_check_clean, backend_on_two_iothreads, have_qemu, qemu_content};
+use common::{qemu_img_create, qemu_img_create_with_opts, read_whole, run_qemu_io, run_tool};
 use engine::image::{self, ImageOptions};
-use engine::{Backend, IoBuf, IoThread, Node, WriteFlags, ZeroFlags};
+use engine::{IoBuf, Node, WriteFlags, ZeroFlags};
 
 fn run<T: 'static>(f: impl std::future::Future<Output = T> + 'static) -> T {
     iothreads::block_on_current(Default::default(), f).expect("io_uring")
-}
-
-fn have_qemu() -> bool {
-    qemu_tool("qemu-img").is_some() && qemu_tool("qemu-io").is_some()
 }
 
 /// Pseudo-random bytes (xorshift), the same for the same seed.
@@ -59,21 +57,8 @@ fn noise_base(dir: &str, tag: &str, len: usize, cluster: u64, seed: u64) -> Scra
 fn overlay(dir: &str, tag: &str, base: &Scratch, size: u64, cluster: u64) -> Scratch {
     let img = Scratch::new_in(dir, tag);
     let opt = format!("cluster_size={cluster}");
-    run_tool(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        &opt,
-        "-b",
-        base.path(),
-        "-F",
-        "qcow2",
-        img.path(),
-        &size.to_string(),
-    ]);
+    let backing = Some((base.path(), "qcow2"));
+    qemu_img_create_with_opts("qcow2", Some(&opt), img.path(), backing, Some(size));
     img
 }
 
@@ -85,13 +70,7 @@ fn copy(src: &Scratch, dir: &str, tag: &str) -> Scratch {
 
 /// Runs `qemu-io` commands on `img`, in one process.
 fn qemu_io(img: &Scratch, cmds: &[String]) {
-    let mut args = vec!["qemu-io", "-f", "qcow2"];
-    for c in cmds {
-        args.push("-c");
-        args.push(c);
-    }
-    args.push(img.path());
-    let out = run_tool(&args);
+    let out = run_qemu_io("qcow2", img.path(), cmds);
     assert!(
         !out.contains("error") && !out.contains("failed"),
         "qemu-io {cmds:?}:\n{out}"
@@ -349,13 +328,7 @@ fn concurrent_overlapping_multi_cluster_writes_keep_every_write() {
     let size: u64 = 4 << 20;
     let base = noise_base("/dev/shm", "cbase", size as usize, k, 5);
     let top = overlay("/dev/shm", "ctop", &base, size, k);
-    let t = [IoThread::new().unwrap(), IoThread::new().unwrap()];
-    let p = top.0.clone();
-    let node = t[0]
-        .block_on(move || async move { image::open(&p, &ImageOptions::default()).await })
-        .unwrap()
-        .unwrap();
-    let b = Backend::new(node, &[t[0].handle(), t[1].handle()]).unwrap();
+    let (t, b) = backend_on_two_iothreads(&top.0);
     let mut hs = Vec::new();
     for (th_i, th) in t.iter().enumerate() {
         let b = b.clone();
@@ -395,14 +368,7 @@ fn concurrent_overlapping_multi_cluster_writes_keep_every_write() {
         writes.extend(h.join().unwrap());
     }
     b.flush_blocking().unwrap();
-    let b2 = b.clone();
-    let got = t[0]
-        .block_on(move || async move {
-            let (r, buf) = b2.read(0, IoBuf::new(size as usize)).await;
-            r.unwrap();
-            buf.to_vec()
-        })
-        .unwrap();
+    let got = read_whole(&t[0], &b, size);
     drop(b);
     // For every byte, the classes (fill % 64) of the writes that covered it.
     let mut classes = vec![0u64; size as usize];
@@ -445,7 +411,7 @@ fn multi_cluster_writes_reuse_freed_clusters_as_runs() {
         return;
     }
     let img = Scratch::new_in("/dev/shm", "reuse");
-    run_tool(&["qemu-img", "create", "-q", "-f", "qcow2", img.path(), "16M"]);
+    qemu_img_create("qcow2", img.path(), None, Some(16 << 20));
     let p = img.0.clone();
     let len_after_first = run(async move {
         let node = image::open(&p, &ImageOptions::default()).await.unwrap();
@@ -527,21 +493,9 @@ fn extended_l2_reads_over_a_backing_file_match_qemu() {
     let k = 64u64 << 10;
     let base = noise_base("/dev/shm", "xbase", 2 << 20, k, 11);
     let top = Scratch::new_in("/dev/shm", "xtop");
-    run_tool(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-o",
-        "extended_l2=on,cluster_size=65536",
-        "-b",
-        base.path(),
-        "-F",
-        "qcow2",
-        top.path(),
-        "3M",
-    ]);
+    let opts = Some("extended_l2=on,cluster_size=65536");
+    let backing = Some((base.path(), "qcow2"));
+    qemu_img_create_with_opts("qcow2", opts, top.path(), backing, Some(3 << 20));
     // Subclusters are 2 KiB: pieces inside clusters, across cluster boundaries, zeroes, and
     // whole clusters (some host-contiguous).
     let setup: Vec<String> = [

@@ -8,10 +8,11 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::{assert_check_clean as check_clean, qemu_content, qemu_image_end, qemu_tool, Scratch};
+use common::{assert_check_clean as check_clean, backend_on_two_iothreads, qemu_content};
+use common::{qemu_image_end, qemu_tool, read_whole, Scratch};
 use engine::drivers::qcow2::create::CreateOptions;
 use engine::image::{self, Format, ImageOptions};
-use engine::{Backend, IoBuf, IoThread, Node, WriteFlags, ZeroFlags};
+use engine::{IoBuf, Node, WriteFlags, ZeroFlags};
 
 fn run<T: 'static>(f: impl std::future::Future<Output = T> + 'static) -> T {
     iothreads::block_on_current(Default::default(), f).expect("io_uring")
@@ -37,13 +38,7 @@ fn two_iothreads_allocating_in_one_image_stay_consistent() {
             ..Default::default()
         },
     );
-    let t = [IoThread::new().unwrap(), IoThread::new().unwrap()];
-    let p = img.0.clone();
-    let node = t[0]
-        .block_on(move || async move { image::open(&p, &ImageOptions::default()).await })
-        .unwrap()
-        .unwrap();
-    let b = Backend::new(node, &[t[0].handle(), t[1].handle()]).unwrap();
+    let (t, b) = backend_on_two_iothreads(&img.0);
     // Each IoThread owns half the disk; 16 tasks each write 4 KiB pieces at random offsets
     // (many to the same clusters at once), then read everything back.
     let mut hs = Vec::new();
@@ -89,14 +84,7 @@ fn two_iothreads_allocating_in_one_image_stay_consistent() {
     for (off, fill) in &written {
         expect[*off as usize..*off as usize + 4096].fill(*fill);
     }
-    let b2 = b.clone();
-    let got = t[0]
-        .block_on(move || async move {
-            let (r, buf) = b2.read(0, IoBuf::new(size as usize)).await;
-            r.unwrap();
-            buf.to_vec()
-        })
-        .unwrap();
+    let got = read_whole(&t[0], &b, size);
     assert!(got == expect, "strata reads other data than it wrote");
     drop(b);
     check_clean(img.path());

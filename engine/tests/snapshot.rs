@@ -9,8 +9,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use common::{
-    assert_check_clean, make_chain, open_chain, qemu_backing, qemu_content, qemu_tool, run_tool,
-    uniq, Scratch,
+    assert_backing, assert_check_clean, file_spec, have_qemu, make_chain, open_chain, qemu_content,
+    qemu_img_create, uniq, Scratch,
 };
 use engine::drivers::file::FileOptions;
 use engine::job::stream::StreamArgs;
@@ -21,10 +21,6 @@ use engine::{
 };
 
 const MIB: u64 = 1 << 20;
-
-fn have_qemu() -> bool {
-    qemu_tool("qemu-img").is_some() && qemu_tool("qemu-io").is_some()
-}
 
 fn engine(iothreads: usize) -> Engine {
     Engine::new(EngineOptions {
@@ -40,11 +36,7 @@ fn add_qcow2(e: &Engine, name: &str, path: &str, backing: BackingSpec) -> engine
         node_name: Some(name.to_string()),
         read_only: false,
         driver: DriverSpec::Qcow2 {
-            file: ChildSpec::Spec(Box::new(NodeSpec {
-                node_name: None,
-                read_only: false,
-                driver: DriverSpec::File(FileOptions::new(path)),
-            })),
+            file: file_spec(path, false),
             backing,
             opts: Default::default(),
         },
@@ -74,18 +66,7 @@ fn blockdev_snapshot_moves_the_guest_to_the_overlay() {
     };
     // The overlay names the active image as its backing file, as libvirt creates it.
     let ov = Scratch::new_in("/var/tmp", "sn-ov");
-    run_tool(&[
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-b",
-        imgs[1].path(),
-        "-F",
-        "qcow2",
-        ov.path(),
-    ]);
+    qemu_img_create("qcow2", ov.path(), Some((imgs[1].path(), "qcow2")), None);
     let ovn = uniq("sn-overlay");
     add_qcow2(&e, &ovn, ov.path(), BackingSpec::None).unwrap();
     e.snapshot(&n[1], &ovn).unwrap();
@@ -112,7 +93,7 @@ fn blockdev_snapshot_moves_the_guest_to_the_overlay() {
         before,
         "the old image is unchanged"
     );
-    assert_eq!(qemu_backing(ov.path()).as_deref(), Some(imgs[1].path()));
+    assert_backing(ov.path(), Some(imgs[1].path()));
     for p in [ov.path(), imgs[0].path(), imgs[1].path()] {
         assert_check_clean(p);
     }
@@ -174,7 +155,7 @@ fn snapshot_file_creates_the_overlay_and_guest_io_never_stops() {
     drop(guest);
     drop(node);
     drop(e);
-    assert_eq!(qemu_backing(ov.path()).as_deref(), Some(imgs[1].path()));
+    assert_backing(ov.path(), Some(imgs[1].path()));
     assert_eq!(qemu_content(ov.path()), &now[..]);
     assert!(!writes.is_empty());
     for p in [ov.path(), imgs[0].path(), imgs[1].path()] {
@@ -208,7 +189,7 @@ fn snapshot_refusals_have_qemus_texts() {
         "Cannot find device='nope' nor node-name='nope'"
     );
     let ov = Scratch::new_in("/var/tmp", "sr-ov");
-    run_tool(&["qemu-img", "create", "-q", "-f", "qcow2", ov.path(), "2M"]);
+    qemu_img_create("qcow2", ov.path(), None, Some(2 * MIB));
     assert_eq!(
         msg(&n[1], "nope"),
         "Cannot find device='nope' nor node-name='nope'"
@@ -272,7 +253,7 @@ fn snapshot_of_a_node_a_job_owns_is_refused() {
     let e = engine(1);
     let n = open_chain(&e, &imgs, "sj");
     let ov = Scratch::new_in("/var/tmp", "sj-ov");
-    run_tool(&["qemu-img", "create", "-q", "-f", "qcow2", ov.path(), "4M"]);
+    qemu_img_create("qcow2", ov.path(), None, Some(4 * MIB));
     let ovn = uniq("sj-overlay");
     add_qcow2(&e, &ovn, ov.path(), BackingSpec::None).unwrap();
     let mut a = StreamArgs::new(&n[2]);
@@ -344,7 +325,7 @@ fn snapshot_reopens_only_the_files_that_are_part_of_the_node() {
     let mut overlays = Vec::new();
     for (node, tag) in [(&inline, "sf-ov-inline"), (&named, "sf-ov-named")] {
         let ov = Scratch::new_in("/var/tmp", tag);
-        run_tool(&["qemu-img", "create", "-q", "-f", "qcow2", ov.path(), "2M"]);
+        qemu_img_create("qcow2", ov.path(), None, Some(2 * MIB));
         let ovn = uniq(tag);
         add_qcow2(&e, &ovn, ov.path(), BackingSpec::None).unwrap();
         e.snapshot(node, &ovn).unwrap();

@@ -12,7 +12,8 @@ use std::path::Path;
 use std::process::Command;
 use std::sync::Arc;
 
-use common::{assert_check_clean, pattern_at, qemu_tool, run_tool, uniq, Scratch};
+use common::{assert_check_clean, have_qemu, pattern_at, qemu_img_create_with_opts, run_tool};
+use common::{qemu_tool, uniq, Scratch};
 use engine::drivers::file::{self, FileOptions};
 use engine::drivers::raw::{self, RawOptions};
 use engine::image::{self, ImageOptions};
@@ -22,20 +23,11 @@ fn run<T: 'static>(f: impl std::future::Future<Output = T> + 'static) -> T {
     iothreads::block_on_current(Default::default(), f).expect("io_uring")
 }
 
-fn qemu_tools() -> bool {
-    qemu_tool("qemu-img").is_some() && qemu_tool("qemu-io").is_some()
-}
-
 /// `qemu-img create -f qcow2` with a cluster size and compat level.
 fn qemu_create(path: &str, cluster: u64, compat: &str, size: u64, backing: Option<&str>) {
     let o = format!("cluster_size={cluster},compat={compat}");
-    let size = size.to_string();
-    let mut args = vec!["qemu-img", "create", "-q", "-f", "qcow2", "-o", &o];
-    if let Some(b) = backing {
-        args.extend(["-b", b, "-F", "qcow2"]);
-    }
-    args.extend([path, &size]);
-    run_tool(&args);
+    let backing = backing.map(|b| (b, "qcow2"));
+    qemu_img_create_with_opts("qcow2", Some(&o), path, backing, Some(size));
 }
 
 /// Runs qemu-io commands on a qcow2 image (read-only unless `write`), failing on any
@@ -215,7 +207,7 @@ fn grow_case(dir: &str, c: &Case, direct: bool) {
 
 #[test]
 fn qcow2_grows_with_the_l1_table_unchanged_in_place_or_moved() {
-    if !qemu_tools() {
+    if !have_qemu() {
         return;
     }
     let dir = std::env::temp_dir();
@@ -300,7 +292,7 @@ fn qcow2_grows_with_the_l1_table_unchanged_in_place_or_moved() {
 
 #[test]
 fn qcow2_grows_with_direct_io_on_a_disk_folder() {
-    if !qemu_tools() {
+    if !have_qemu() {
         return;
     }
     // The L1 zeroes and header writes are smaller than a block: padded under O_DIRECT.
@@ -326,7 +318,7 @@ fn qcow2_grows_with_direct_io_on_a_disk_folder() {
 
 #[test]
 fn growing_in_place_clears_whatever_the_l1_cluster_held_past_its_entries() {
-    if !qemu_tools() {
+    if !have_qemu() {
         return;
     }
     // Nothing promises that the rest of the L1 table's last cluster is zero (QEMU writes
@@ -366,7 +358,7 @@ fn growing_in_place_clears_whatever_the_l1_cluster_held_past_its_entries() {
 
 #[test]
 fn writes_in_flight_while_the_l1_table_moves_stay_mapped() {
-    if !qemu_tools() {
+    if !have_qemu() {
         return;
     }
     // 512-byte clusters: every 32 KiB of guest data needs its own L2 table, so the writers
@@ -419,7 +411,7 @@ fn writes_in_flight_while_the_l1_table_moves_stay_mapped() {
 
 #[test]
 fn a_longer_backing_file_does_not_show_through_the_grown_range() {
-    if !qemu_tools() {
+    if !have_qemu() {
         return;
     }
     for compat in ["1.1", "0.10"] {

@@ -2,15 +2,12 @@
 //! reopen, and the rollback of every transaction step (each checked by failing the step
 //! after it and comparing the graph with its state before).
 
-use std::io;
-use std::sync::atomic::{AtomicUsize, Ordering};
+mod common;
+
 use std::sync::Arc;
 
-use graph::{
-    mutation, Driver, ErrorKind, LocalBoxFuture, Node, Perm, Role, Transaction, User, WriteFlags,
-    ZeroFlags,
-};
-use iothreads::{BufResult, IoBuf};
+use common::{plain_io, uniq};
+use graph::{mutation, Driver, ErrorKind, Mutation, Node, Perm, Role, Transaction, User};
 
 /// A leaf that holds nothing (reads leave buffers as they are).
 struct Leaf {
@@ -22,47 +19,6 @@ struct Filter;
 
 /// A format with a file and a backing child; it only matters for permissions here.
 struct Format;
-
-fn ready<T: 'static>(v: T) -> LocalBoxFuture<'static, T> {
-    Box::pin(async move { v })
-}
-
-macro_rules! plain_io {
-    () => {
-        fn read<'a>(&'a self, _: &'a Node, _: u64, b: IoBuf) -> LocalBoxFuture<'a, BufResult<()>> {
-            ready((Ok(()), b))
-        }
-        fn write<'a>(
-            &'a self,
-            _: &'a Node,
-            _: u64,
-            b: IoBuf,
-            _: WriteFlags,
-        ) -> LocalBoxFuture<'a, BufResult<()>> {
-            ready((Ok(()), b))
-        }
-        fn write_zeroes<'a>(
-            &'a self,
-            _: &'a Node,
-            _: u64,
-            _: u64,
-            _: ZeroFlags,
-        ) -> LocalBoxFuture<'a, io::Result<()>> {
-            ready(Ok(()))
-        }
-        fn discard<'a>(
-            &'a self,
-            _: &'a Node,
-            _: u64,
-            _: u64,
-        ) -> LocalBoxFuture<'a, io::Result<()>> {
-            ready(Ok(()))
-        }
-        fn flush<'a>(&'a self, _: &'a Node) -> LocalBoxFuture<'a, io::Result<()>> {
-            ready(Ok(()))
-        }
-    };
-}
 
 impl Driver for Leaf {
     fn driver_name(&self) -> &'static str {
@@ -120,11 +76,6 @@ impl Driver for Format {
         }
     }
     plain_io!();
-}
-
-fn uniq(tag: &str) -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    format!("{tag}{}", N.fetch_add(1, Ordering::Relaxed))
 }
 
 fn leaf(tag: &str) -> Arc<Node> {
@@ -911,6 +862,40 @@ fn frozen_edge(e: &Arc<graph::Edge>) {
     assert!(e.is_frozen());
 }
 
+/// Makes `child` the backing child of `parent` and freezes that edge (each committed on its
+/// own).
+fn attach_frozen_backing(m: &Mutation, parent: &Arc<Node>, child: &Arc<Node>) {
+    let mut tx = Transaction::new(m);
+    tx.attach_child(parent, child, Role::Backing).unwrap();
+    tx.commit().unwrap();
+    frozen_edge(&parent.child_edge(Role::Backing).unwrap());
+}
+
+/// Runs `step` in a transaction of its own: it is refused with `kind` and the text `msg`, and
+/// `nodes` are as they were, right away and once the transaction is dropped (or, if `commit`,
+/// committed: nothing of the step is left to commit either).
+fn assert_refused_changes_nothing(
+    m: &Mutation,
+    nodes: &[&Arc<Node>],
+    step: impl FnOnce(&mut Transaction<'_>) -> graph::Result<()>,
+    kind: ErrorKind,
+    msg: String,
+    commit: bool,
+) {
+    let before = shape(nodes);
+    let mut tx = Transaction::new(m);
+    let e = step(&mut tx).unwrap_err();
+    assert_eq!(e.kind(), kind);
+    assert_eq!(e.to_string(), msg);
+    assert_eq!(shape(nodes), before, "the failed step left nothing");
+    if commit {
+        tx.commit().unwrap();
+    } else {
+        drop(tx);
+    }
+    assert_eq!(shape(nodes), before);
+}
+
 #[test]
 fn replace_node_refuses_a_frozen_edge_and_changes_nothing() {
     // base has two parents: top (free) and other (frozen), in that order, so that a step
@@ -919,22 +904,16 @@ fn replace_node_refuses_a_frozen_edge_and_changes_nothing() {
     let other = format("other");
     let spare = format("spare");
     let m = mutation();
-    let mut tx = Transaction::new(&m);
-    tx.attach_child(&other, &c.base, Role::Backing).unwrap();
-    tx.commit().unwrap();
-    frozen_edge(&other.child_edge(Role::Backing).unwrap());
+    attach_frozen_backing(&m, &other, &c.base);
     let nodes = [&c.top, &c.top_file, &c.base, &c.base_file, &other, &spare];
-    let before = shape(&nodes);
-    let mut tx = Transaction::new(&m);
-    let e = tx.replace_node(&c.base, &spare, None).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Frozen);
-    assert_eq!(
-        e.to_string(),
-        format!("Cannot change 'backing' link to '{}'", c.base.name())
+    assert_refused_changes_nothing(
+        &m,
+        &nodes,
+        |tx| tx.replace_node(&c.base, &spare, None),
+        ErrorKind::Frozen,
+        format!("Cannot change 'backing' link to '{}'", c.base.name()),
+        false,
     );
-    assert_eq!(shape(&nodes), before, "the failed step left nothing");
-    drop(tx);
-    assert_eq!(shape(&nodes), before);
 }
 
 #[test]
@@ -950,22 +929,20 @@ fn replace_node_refused_midway_changes_nothing() {
     tx.attach_child(&new, &x, Role::Backing).unwrap();
     tx.commit().unwrap();
     let nodes = [&c.top, &c.base, &x, &new];
-    let before = shape(&nodes);
-    let mut tx = Transaction::new(&m);
-    let e = tx.replace_node(&c.base, &new, None).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::InvalidArgument);
-    assert_eq!(
-        e.to_string(),
-        format!(
-            "Making '{}' a backing child of '{}' would create a cycle",
-            new.name(),
-            x.name()
-        )
+    let cycle = format!(
+        "Making '{}' a backing child of '{}' would create a cycle",
+        new.name(),
+        x.name()
     );
-    assert_eq!(shape(&nodes), before, "the failed step left nothing");
     // Nothing of it is left to commit either.
-    tx.commit().unwrap();
-    assert_eq!(shape(&nodes), before);
+    assert_refused_changes_nothing(
+        &m,
+        &nodes,
+        |tx| tx.replace_node(&c.base, &new, None),
+        ErrorKind::InvalidArgument,
+        cycle,
+        true,
+    );
 }
 
 #[test]
@@ -974,22 +951,16 @@ fn insert_filter_refuses_a_frozen_edge_and_changes_nothing() {
     let f = filter_over("f", &c.base);
     let other = format("other");
     let m = mutation();
-    let mut tx = Transaction::new(&m);
-    tx.attach_child(&other, &c.base, Role::Backing).unwrap();
-    tx.commit().unwrap();
-    frozen_edge(&other.child_edge(Role::Backing).unwrap());
+    attach_frozen_backing(&m, &other, &c.base);
     let nodes = [&c.top, &c.base, &c.base_file, &f, &other];
-    let before = shape(&nodes);
-    let mut tx = Transaction::new(&m);
-    let e = tx.insert_filter(&f, &c.base).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Frozen);
-    assert_eq!(
-        e.to_string(),
-        format!("Cannot change 'backing' link to '{}'", c.base.name())
+    assert_refused_changes_nothing(
+        &m,
+        &nodes,
+        |tx| tx.insert_filter(&f, &c.base),
+        ErrorKind::Frozen,
+        format!("Cannot change 'backing' link to '{}'", c.base.name()),
+        false,
     );
-    assert_eq!(shape(&nodes), before, "the failed step left nothing");
-    drop(tx);
-    assert_eq!(shape(&nodes), before);
     assert!(Arc::ptr_eq(&c.top.backing().unwrap(), &c.base));
 }
 
@@ -1011,37 +982,32 @@ fn drop_filter_refuses_a_frozen_edge_and_changes_nothing() {
     let nodes = [&c.top, &c.base, &c.base_file, &f, &other];
 
     frozen_edge(&into_f);
-    let before = shape(&nodes);
-    let mut tx = Transaction::new(&m);
-    let e = tx.drop_filter(&f).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Frozen);
-    assert_eq!(
-        e.to_string(),
-        format!("Cannot change 'backing' link to '{}'", f.name())
+    assert_refused_changes_nothing(
+        &m,
+        &nodes,
+        |tx| tx.drop_filter(&f),
+        ErrorKind::Frozen,
+        format!("Cannot change 'backing' link to '{}'", f.name()),
+        false,
     );
-    assert_eq!(shape(&nodes), before, "the failed step left nothing");
-    drop(tx);
-    assert_eq!(shape(&nodes), before);
 
     let mut tx = Transaction::new(&m);
     tx.set_frozen(&into_f, false);
     tx.set_frozen(&own, true);
     tx.commit().unwrap();
-    let before = shape(&nodes);
-    let mut tx = Transaction::new(&m);
-    let e = tx.drop_filter(&f).unwrap_err();
-    assert_eq!(e.kind(), ErrorKind::Frozen);
-    assert_eq!(
-        e.to_string(),
-        format!(
-            "Cannot change 'file' link from '{}' to '{}'",
-            f.name(),
-            c.base.name()
-        )
+    let own_frozen = format!(
+        "Cannot change 'file' link from '{}' to '{}'",
+        f.name(),
+        c.base.name()
     );
-    assert_eq!(shape(&nodes), before, "the failed step left nothing");
-    drop(tx);
-    assert_eq!(shape(&nodes), before);
+    assert_refused_changes_nothing(
+        &m,
+        &nodes,
+        |tx| tx.drop_filter(&f),
+        ErrorKind::Frozen,
+        own_frozen,
+        false,
+    );
     assert!(Arc::ptr_eq(&c.top.backing().unwrap(), &f));
     assert!(Arc::ptr_eq(&other.backing().unwrap(), &f));
 }

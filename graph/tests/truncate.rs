@@ -1,12 +1,15 @@
 //! `Node::truncate`: the default refuses, a driver that grows is reached through the node
 //! (counted in flight, on an IoThread), and a read-only node refuses as writes do.
 
+mod common;
+
 use std::io;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 
-use graph::{Driver, LocalBoxFuture, Node, WriteFlags, ZeroFlags};
-use iothreads::{BufResult, IoBuf};
+use common::{plain_io, uniq};
+use graph::{Driver, LocalBoxFuture, Node, WriteFlags};
+use iothreads::IoBuf;
 
 /// A leaf whose length can grow; it records the in-flight count its truncate saw.
 struct Growable {
@@ -16,47 +19,6 @@ struct Growable {
 
 /// A leaf without truncate (the trait's default).
 struct Fixed;
-
-fn ready<T: 'static>(v: T) -> LocalBoxFuture<'static, T> {
-    Box::pin(async move { v })
-}
-
-macro_rules! plain_io {
-    () => {
-        fn read<'a>(&'a self, _: &'a Node, _: u64, b: IoBuf) -> LocalBoxFuture<'a, BufResult<()>> {
-            ready((Ok(()), b))
-        }
-        fn write<'a>(
-            &'a self,
-            _: &'a Node,
-            _: u64,
-            b: IoBuf,
-            _: WriteFlags,
-        ) -> LocalBoxFuture<'a, BufResult<()>> {
-            ready((Ok(()), b))
-        }
-        fn write_zeroes<'a>(
-            &'a self,
-            _: &'a Node,
-            _: u64,
-            _: u64,
-            _: ZeroFlags,
-        ) -> LocalBoxFuture<'a, io::Result<()>> {
-            ready(Ok(()))
-        }
-        fn discard<'a>(
-            &'a self,
-            _: &'a Node,
-            _: u64,
-            _: u64,
-        ) -> LocalBoxFuture<'a, io::Result<()>> {
-            ready(Ok(()))
-        }
-        fn flush<'a>(&'a self, _: &'a Node) -> LocalBoxFuture<'a, io::Result<()>> {
-            ready(Ok(()))
-        }
-    };
-}
 
 impl Driver for Growable {
     fn driver_name(&self) -> &'static str {
@@ -88,11 +50,6 @@ impl Driver for Fixed {
         4096
     }
     plain_io!();
-}
-
-fn uniq(tag: &str) -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    format!("{tag}{}", N.fetch_add(1, Ordering::Relaxed))
 }
 
 fn growable(read_only: bool) -> Arc<Node> {

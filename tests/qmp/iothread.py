@@ -9,23 +9,11 @@ io1 is deleted. Each job must complete without error, the events must follow QEM
 sequence, and afterwards top must read as before and every image pass `qemu-img check`.
 """
 
-from qmplib import main, qemu_img, qemu_io, run_one
+from qmplib import main, qemu_img, run_one, three_image_chain
 
 
 def setup(d):
-    base, mid, top = d.path("base.qcow2"), d.path("mid.qcow2"), d.path("top.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", base, "4M")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
-    qemu_img("create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", top)
-    for i, img in enumerate((base, mid, top)):
-        qemu_io("-f", "qcow2", "-c", f"write -P {0x11 * (i + 1)} {i}M 1536k", img)
-    qemu_img("convert", "-O", "raw", top, d.path("top-before.raw"))
-    blockdev = {"driver": "qcow2", "node-name": "top",
-                "file": {"driver": "file", "filename": top},
-                "backing": {"driver": "qcow2", "node-name": "mid",
-                            "file": {"driver": "file", "filename": mid},
-                            "backing": {"driver": "qcow2", "node-name": "base",
-                                        "file": {"driver": "file", "filename": base}}}}
+    base, mid, top, blockdev = three_image_chain(d, "1536k")
     return {"imgs": (base, mid, top), "blockdev": blockdev}
 
 

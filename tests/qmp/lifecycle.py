@@ -18,23 +18,11 @@ import os
 import signal
 import stat
 
-from qmplib import MIB, Daemon, both, main, qemu_img, qemu_io, run_one, workdir
+from qmplib import MIB, Daemon, both, main, qemu_img, run_one, three_image_chain, workdir
 
 
 def setup(d):
-    base, mid, top = d.path("base.qcow2"), d.path("mid.qcow2"), d.path("top.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", base, "4M")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", mid)
-    qemu_img("create", "-q", "-f", "qcow2", "-b", mid, "-F", "qcow2", top)
-    for i, img in enumerate((base, mid, top)):
-        qemu_io("-f", "qcow2", "-c", f"write -P {0x11 * (i + 1)} {i}M 1M", img)
-    qemu_img("convert", "-O", "raw", top, d.path("top-before.raw"))
-    blockdev = {"driver": "qcow2", "node-name": "top",
-                "file": {"driver": "file", "filename": top},
-                "backing": {"driver": "qcow2", "node-name": "mid",
-                            "file": {"driver": "file", "filename": mid},
-                            "backing": {"driver": "qcow2", "node-name": "base",
-                                        "file": {"driver": "file", "filename": base}}}}
+    base, mid, top, blockdev = three_image_chain(d, "1M")
     return {"imgs": {"base": base, "mid": mid, "top": top}, "blockdev": blockdev}
 
 
@@ -71,6 +59,27 @@ def shutdown_by(how):
     return scenario
 
 
+async def stream_seen_by(d, c2):
+    """Streams top to its end while the client `c2` collects events; returns the events (name
+    and data) the first client saw and those `c2` saw."""
+    second = []
+
+    async def collect():
+        async for ev in c2.events:
+            second.append({"event": ev["event"], "data": ev["data"]})
+    task = asyncio.create_task(collect())
+    await d.ok("block-stream", {"device": "top", "job-id": "s0"})
+    await d.wait_completed("s0")
+    await d.wait_status("s0", "null")
+    for _ in range(100):
+        if len(second) >= len(d.events):
+            break
+        await asyncio.sleep(0.02)
+    task.cancel()
+    first = [{"event": e["event"], "data": e["data"]} for e in d.events]
+    return first, second
+
+
 async def two_monitors(d, ctx):
     sock2 = d.path("qmp2.sock")
     argv_extra = ["--chardev", f"socket,path={sock2},server=on,wait=off,id=m2",
@@ -81,22 +90,8 @@ async def two_monitors(d, ctx):
     c2 = QMPClient("second")
     await c2.connect(sock2)
     d.clients.append(c2)
-    second = []
-
-    async def collect():
-        async for ev in c2.events:
-            second.append({"event": ev["event"], "data": ev["data"]})
-    task = asyncio.create_task(collect())
-    await d.ok("block-stream", {"device": "top", "job-id": "s0"})
-    await d.wait_completed("s0")
-    await d.wait_status("s0", "null")
+    first, second = await stream_seen_by(d, c2)
     # The second client saw what the first saw.
-    for _ in range(100):
-        if len(second) >= len(d.events):
-            break
-        await asyncio.sleep(0.02)
-    task.cancel()
-    first = [{"event": e["event"], "data": e["data"]} for e in d.events]
     assert first == second, (first, second)
     d.record("second monitor's events", [e["event"] for e in second])
     await d.ok("query-jobs", label="first monitor after")
@@ -121,21 +116,7 @@ async def strata_clients(d, ctx):
     assert mode == 0o600, oct(mode)
     # A second client on the same socket, at the same time.
     c2 = await d.connect("second")
-    second = []
-
-    async def collect():
-        async for ev in c2.events:
-            second.append({"event": ev["event"], "data": ev["data"]})
-    task = asyncio.create_task(collect())
-    await d.ok("block-stream", {"device": "top", "job-id": "s0"})
-    await d.wait_completed("s0")
-    await d.wait_status("s0", "null")
-    for _ in range(100):
-        if len(second) >= len(d.events):
-            break
-        await asyncio.sleep(0.02)
-    task.cancel()
-    first = [{"event": e["event"], "data": e["data"]} for e in d.events]
+    first, second = await stream_seen_by(d, c2)
     assert first and first == second, (first, second)
     # The first client goes; the second one still works, and a third can come.
     await d.qmp.disconnect()

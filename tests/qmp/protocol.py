@@ -18,7 +18,7 @@ import asyncio
 import json
 import os
 
-from qmplib import MIB, both, main, qemu_img, qemu_io
+from qmplib import MIB, both, create_qcow2_chain, main, qemu_img, qemu_io
 
 
 class Raw:
@@ -243,9 +243,7 @@ async def arguments(d, ctx):
 
 def blockdev_setup(d):
     base, top, snap = d.path("base.qcow2"), d.path("top.qcow2"), d.path("snap.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", base, "4M")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
-    qemu_img("create", "-q", "-f", "qcow2", "-b", top, "-F", "qcow2", snap)
+    create_qcow2_chain(base, top, snap)
     qemu_io("-f", "qcow2", "-c", "write -P 0x5a 0 1M", base)
     qemu_io("-f", "qcow2", "-c", "write -P 0xa5 1M 1M", top)
     raw = d.path("disk.raw")

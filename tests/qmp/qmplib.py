@@ -111,6 +111,34 @@ def qemu_io(*args):
     return run("qemu-io", *args)
 
 
+def create_qcow2_chain(base, *overlays, size="4M"):
+    """qemu-img: `base` a qcow2 image of `size`, each of `overlays` a qcow2 image over the one
+    before it."""
+    qemu_img("create", "-q", "-f", "qcow2", base, size)
+    below = base
+    for img in overlays:
+        qemu_img("create", "-q", "-f", "qcow2", "-b", below, "-F", "qcow2", img)
+        below = img
+
+
+def three_image_chain(d, data_len):
+    """base <- mid <- top (qcow2, 4 MiB) in `d`'s directory, image i holding 0x11 * (i + 1) in
+    `data_len` bytes from i MiB, and top-before.raw (what top reads); returns the three paths
+    and a blockdev that opens them as the nodes base, mid and top."""
+    base, mid, top = d.path("base.qcow2"), d.path("mid.qcow2"), d.path("top.qcow2")
+    create_qcow2_chain(base, mid, top)
+    for i, img in enumerate((base, mid, top)):
+        qemu_io("-f", "qcow2", "-c", f"write -P {0x11 * (i + 1)} {i}M {data_len}", img)
+    qemu_img("convert", "-O", "raw", top, d.path("top-before.raw"))
+    blockdev = {"driver": "qcow2", "node-name": "top",
+                "file": {"driver": "file", "filename": top},
+                "backing": {"driver": "qcow2", "node-name": "mid",
+                            "file": {"driver": "file", "filename": mid},
+                            "backing": {"driver": "qcow2", "node-name": "base",
+                                        "file": {"driver": "file", "filename": base}}}}
+    return base, mid, top, blockdev
+
+
 def img_map(path, fmt="qcow2"):
     """`qemu-io -c map` of an image (its allocation, as iotests compare it)."""
     return qemu_io("-f", fmt, "-r", "-U", "-c", "map", path)

@@ -13,14 +13,12 @@ qemu-storage-daemon and strata daemon.
 import asyncio
 import os
 
-from qmplib import MIB, both, main, qemu_img, qemu_io
+from qmplib import MIB, both, create_qcow2_chain, main, qemu_img, qemu_io
 
 
 def readme_setup(d):
     base, top, snap = d.path("base.qcow2"), d.path("top.qcow2"), d.path("snap.qcow2")
-    qemu_img("create", "-q", "-f", "qcow2", base, "4M")
-    qemu_img("create", "-q", "-f", "qcow2", "-b", base, "-F", "qcow2", top)
-    qemu_img("create", "-q", "-f", "qcow2", "-b", top, "-F", "qcow2", snap)
+    create_qcow2_chain(base, top, snap)
     qemu_io("-f", "qcow2", "-c", "write -P 0x61 0 1M", base)
     qemu_io("-f", "qcow2", "-c", "write -P 0x62 1M 1M", top)
     qemu_img("convert", "-O", "raw", top, d.path("top-before.raw"))
