@@ -20,21 +20,19 @@
 //! order when the drain ends: none is lost, failed or reordered per submitting thread. A request
 //! arriving while others are held on its IoThread queues behind them. A backend with holding
 //! disabled (a job's) lets requests pass a drain, so the job can reach its pause point.
+//!
+//! The protocol (the entry check, the FIFO, who wakes whom) is graph's
+//! ([`graph::quiesce`]'s "Held requests", model-checked under loom); this module only calls it.
 
-use std::collections::VecDeque;
-use std::future::Future;
 use std::io;
-use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
 
-use crossbeam_utils::CachePadded;
 use graph::{
-    drain_event, BlockStatus, Edge, Error, ErrorKind, Gate, Node, Perm, Transaction, User,
-    WriteFlags, ZeroFlags,
+    drain_event, BlockStatus, Edge, Error, ErrorKind, Gate, HeldQueues, Node, Perm, Transaction,
+    User, WriteFlags, ZeroFlags,
 };
-use iothreads::{BufResult, IoBuf, IoThreadHandle, MAX_IOTHREADS};
+use iothreads::{BufResult, IoBuf, IoThreadHandle};
 use parking_lot::Mutex;
 
 /// How a backend uses its root.
@@ -50,18 +48,6 @@ pub struct BackendOptions {
     pub no_holding: bool,
 }
 
-/// Held requests of one IoThread, in arrival order.
-#[derive(Default)]
-struct HeldQueue {
-    next_ticket: u64,
-    queue: VecDeque<(u64, Option<Waker>)>,
-}
-
-struct HeldSlot {
-    len: AtomicUsize,
-    queue: Mutex<HeldQueue>,
-}
-
 pub(crate) struct Inner {
     name: Option<String>,
     edge: Mutex<Option<Arc<Edge>>>,
@@ -69,7 +55,8 @@ pub(crate) struct Inner {
     holding: bool,
     /// Requests in flight and the drains covering the backend.
     gate: Gate,
-    held: Box<[CachePadded<HeldSlot>]>,
+    /// Requests held while drained, a FIFO per IoThread.
+    held: HeldQueues,
     held_total: AtomicU64,
 }
 
@@ -116,13 +103,7 @@ impl User for Inner {
         if self.gate.end() {
             // Resume: wake the head of each IoThread's queue; each request, as it proceeds,
             // wakes the next one, so they enter in order.
-            for slot in self.held.iter() {
-                if slot.len.load(Ordering::SeqCst) > 0 {
-                    if let Some((_, Some(w))) = slot.queue.lock().queue.front() {
-                        w.wake_by_ref();
-                    }
-                }
-            }
+            self.held.wake_heads();
         }
     }
 
@@ -187,14 +168,7 @@ impl Backend {
             threads: threads.to_vec(),
             holding: !opts.no_holding,
             gate: Gate::new(),
-            held: (0..MAX_IOTHREADS)
-                .map(|_| {
-                    CachePadded::new(HeldSlot {
-                        len: AtomicUsize::new(0),
-                        queue: Mutex::new(HeldQueue::default()),
-                    })
-                })
-                .collect(),
+            held: HeldQueues::new(),
             held_total: AtomicU64::new(0),
         });
         let user: Arc<dyn User> = inner.clone();
@@ -283,18 +257,18 @@ impl Backend {
     /// request in flight until the guard drops.
     async fn enter(&self, t: usize) -> Entered<'_> {
         let inner = &*self.inner;
-        if inner.held[t].len.load(Ordering::SeqCst) == 0 {
-            if !inner.holding {
-                inner.gate.enter(t);
+        let held = &inner.held[t];
+        if inner.holding {
+            // Counted in (none held on this IoThread, no drain), or held.
+            if held.try_enter(&inner.gate, t, drain_event()) {
                 return Entered { inner, t };
             }
-            // Counted in, or backed out (waking drainers) and held.
-            if inner.gate.try_enter(t, drain_event()) {
-                return Entered { inner, t };
-            }
+        } else if held.is_empty() {
+            inner.gate.enter(t);
+            return Entered { inner, t };
         }
         inner.held_total.fetch_add(1, Ordering::Relaxed);
-        Held::new(inner, t).await;
+        held.wait(&inner.gate, t, drain_event()).await;
         Entered { inner, t }
     }
 
@@ -520,79 +494,6 @@ impl Drop for Entered<'_> {
     #[inline]
     fn drop(&mut self) {
         self.inner.gate.leave(self.t, drain_event());
-    }
-}
-
-/// A request waiting in its IoThread's FIFO. Resolves once it is at the head, the backend is
-/// not drained, and it has been counted in flight (the caller then owns one in-flight unit).
-struct Held<'a> {
-    inner: &'a Inner,
-    t: usize,
-    ticket: Option<u64>,
-}
-
-impl<'a> Held<'a> {
-    fn new(inner: &'a Inner, t: usize) -> Self {
-        Held {
-            inner,
-            t,
-            ticket: None,
-        }
-    }
-}
-
-impl Future for Held<'_> {
-    type Output = ();
-
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
-        let inner = self.inner;
-        let slot = &inner.held[self.t];
-        let mut q = slot.queue.lock();
-        let ticket = match self.ticket {
-            Some(t) => t,
-            None => {
-                let t = q.next_ticket;
-                q.next_ticket += 1;
-                q.queue.push_back((t, Some(cx.waker().clone())));
-                slot.len.fetch_add(1, Ordering::SeqCst);
-                self.ticket = Some(t);
-                t
-            }
-        };
-        let at_head = q.queue.front().is_some_and(|(t, _)| *t == ticket);
-        // At the head and no drain: try to enter (count in flight, check the drain again; if
-        // one began meanwhile, back out and wake its drainer).
-        if at_head && inner.gate.try_resume(self.t, drain_event()) {
-            q.queue.pop_front();
-            slot.len.fetch_sub(1, Ordering::SeqCst);
-            self.ticket = None;
-            // Let the next held request follow.
-            if let Some((_, Some(w))) = q.queue.front() {
-                w.wake_by_ref();
-            }
-            return Poll::Ready(());
-        }
-        if let Some(e) = q.queue.iter_mut().find(|(t, _)| *t == ticket) {
-            e.1 = Some(cx.waker().clone());
-        }
-        Poll::Pending
-    }
-}
-
-impl Drop for Held<'_> {
-    fn drop(&mut self) {
-        let Some(ticket) = self.ticket else { return };
-        let slot = &self.inner.held[self.t];
-        let mut q = slot.queue.lock();
-        if let Some(i) = q.queue.iter().position(|(t, _)| *t == ticket) {
-            q.queue.remove(i);
-            slot.len.fetch_sub(1, Ordering::SeqCst);
-            if i == 0 && !self.inner.gate.is_draining() {
-                if let Some((_, Some(w))) = q.queue.front() {
-                    w.wake_by_ref();
-                }
-            }
-        }
     }
 }
 

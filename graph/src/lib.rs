@@ -44,6 +44,6 @@ pub use node::{
 };
 #[cfg(not(loom))]
 pub use perm::Perm;
-pub use quiesce::{DrainEvent, Gate};
+pub use quiesce::{DrainEvent, Gate, HeldQueue, HeldQueues, WaitTurn};
 #[cfg(not(loom))]
 pub use txn::{mutation, Mutation, Transaction};

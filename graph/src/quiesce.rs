@@ -27,13 +27,55 @@
 //! Cost on the request path: one SeqCst read-modify-write of this IoThread's own cache line
 //! in, one out, one SeqCst load of quiesce (a line that is only written by drains) each way
 //! where it is read; the event is touched only while quiesce is raised.
+//!
+//! # Held requests
+//!
+//! A gate that holds requests while drained (a backend's) keeps, per IoThread, a FIFO of the
+//! requests it holds ([`HeldQueue`]) and its length `len`. All of one IoThread's requests run on
+//! that IoThread; only the drainer's [`HeldQueues::wake_heads`] comes from another thread.
+//! - request, arriving on IoThread `t` ([`HeldQueue::try_enter`]): if `len` is 0 (a SeqCst
+//!   load) and [`Gate::try_enter`] lets it in, it is in. Otherwise it waits its turn
+//!   ([`HeldQueue::wait`]): it joins the tail with a ticket ([`HeldQueue::join`]: push, then
+//!   `len` += 1, a SeqCst read-modify-write ordered like a SeqCst fence), then, each time it is
+//!   polled ([`HeldQueue::poll_turn`], under the queue's lock): at the head and no drain
+//!   covering the gate, it tries to enter ([`Gate::try_resume`]: counted in flight, the drain
+//!   checked again, backing out if one began); in, it leaves the queue (`len` -= 1) and wakes
+//!   the next one. Otherwise it leaves its waker and waits.
+//! - a held request dropped while it waits ([`HeldQueue::cancel`], under the lock): it leaves
+//!   the queue; if it was the head and no drain covers the gate, it wakes the new head (while a
+//!   drain covers it, that drain's end does).
+//! - drainer, ending the last drain ([`Gate::end`] returned true: quiesce -= 1, a SeqCst
+//!   read-modify-write): for each IoThread whose `len` (a SeqCst load) is not 0, takes the lock
+//!   and wakes the head ([`HeldQueues::wake_heads`]).
+//!
+//! No held request waits forever. Take the head when the last drain ends, having read quiesce
+//! raised (before the end's subtraction) and left its waker. Its join's add to `len` and the
+//! drainer's subtraction from quiesce each come before the other side's read in the SeqCst
+//! order, or the other way round; since the request read quiesce raised, the drainer's read of
+//! `len` comes after the join, and sees the queue not empty (`len` counts every request from its
+//! push until it leaves). The drainer then takes the lock after the request's poll released it
+//! (or before: then that poll, taking the lock after it, saw the drain ended), finds the waker
+//! and wakes it. A drainer that takes the lock between a join and that request's first poll
+//! finds no waker, but the poll, after it, sees the drain ended. The requests behind the head
+//! are woken in turn by the head entering, or going (a head dropped while a drain still covers
+//! the gate leaves the wake to that drain's end, which finds the new head the same way). None is
+//! reordered: a request enters only from the head, and an arriving request passes only when
+//! none is held on its IoThread (its own earlier requests, so `len` is exact for it).
+//!
+//! Cost on the request path: the one SeqCst load of `len` before [`Gate::try_enter`]; the
+//! queue's lock is taken only by requests that are held.
 
-use std::task::Waker;
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, Waker};
 
+use crossbeam_utils::CachePadded;
+use iothreads::MAX_IOTHREADS;
 #[cfg(loom)]
-use loom::sync::atomic::{fence, AtomicU32, Ordering};
+use loom::sync::atomic::{fence, AtomicU32, AtomicUsize, Ordering};
 #[cfg(not(loom))]
-use std::sync::atomic::{fence, AtomicU32, Ordering};
+use std::sync::atomic::{fence, AtomicU32, AtomicUsize, Ordering};
 
 use crate::counter::PerThreadCounter;
 
@@ -113,10 +155,16 @@ impl Gate {
     }
 
     /// Undoes one [`Self::begin`]; true when that was the last drain covering the gate (the
-    /// caller then resumes what it held).
+    /// caller then resumes what it held: [`HeldQueues::wake_heads`]). The SeqCst
+    /// read-modify-write orders every later SeqCst load after it, as a SeqCst fence would
+    /// (the held queues' `len`); loom, which weakens SeqCst operations, gets the explicit
+    /// fence.
     #[inline]
     pub fn end(&self) -> bool {
-        self.quiesce.fetch_sub(1, Ordering::SeqCst) == 1
+        let last = self.quiesce.fetch_sub(1, Ordering::SeqCst) == 1;
+        #[cfg(loom)]
+        fence(Ordering::SeqCst);
+        last
     }
 
     /// The drainer's look: fences (ordering every earlier [`Self::begin`] and waker
@@ -227,4 +275,242 @@ impl Default for DrainEvent {
 pub fn drain_event() -> &'static DrainEvent {
     static E: DrainEvent = DrainEvent::new();
     &E
+}
+
+/// The requests held on one IoThread, in arrival order: each one's ticket and the waker its
+/// last poll left (none between its join and its first poll).
+struct Fifo {
+    next_ticket: u64,
+    queue: VecDeque<(u64, Option<Waker>)>,
+}
+
+#[cfg(loom)]
+type FifoLock = loom::sync::Mutex<Fifo>;
+#[cfg(not(loom))]
+type FifoLock = parking_lot::Mutex<Fifo>;
+
+/// The FIFO of requests held at a gate's entry on one IoThread (see the module's "Held
+/// requests"): `len`, read without the lock on every request's way in, and the queue itself.
+pub struct HeldQueue {
+    len: AtomicUsize,
+    fifo: FifoLock,
+}
+
+impl Default for HeldQueue {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HeldQueue {
+    /// An empty queue.
+    pub fn new() -> Self {
+        let fifo = Fifo {
+            next_ticket: 0,
+            queue: VecDeque::new(),
+        };
+        HeldQueue {
+            len: AtomicUsize::new(0),
+            #[cfg(loom)]
+            fifo: loom::sync::Mutex::new(fifo),
+            #[cfg(not(loom))]
+            fifo: parking_lot::Mutex::new(fifo),
+        }
+    }
+
+    #[inline]
+    fn fifo(&self) -> impl std::ops::DerefMut<Target = Fifo> + '_ {
+        #[cfg(loom)]
+        return self.fifo.lock().unwrap();
+        #[cfg(not(loom))]
+        return self.fifo.lock();
+    }
+
+    /// Whether no request is held here (one SeqCst load, no lock).
+    #[inline]
+    pub fn is_empty(&self) -> bool {
+        self.len.load(Ordering::SeqCst) == 0
+    }
+
+    /// How many requests are held here now.
+    pub fn len(&self) -> usize {
+        self.len.load(Ordering::SeqCst)
+    }
+
+    /// The way in of a request arriving on this queue's IoThread `t`: counted in flight in
+    /// `gate` if no request is held here and no drain covers the gate ([`Gate::try_enter`],
+    /// which wakes the drainers if it backs out). False: the request waits its turn
+    /// ([`Self::wait`]).
+    #[inline]
+    pub fn try_enter(&self, gate: &Gate, t: usize, ev: &DrainEvent) -> bool {
+        self.is_empty() && gate.try_enter(t, ev)
+    }
+
+    /// A request that waits its turn to enter `gate` on IoThread `t` (this queue's): it joins
+    /// the tail when first polled, and resolves once it has been counted in flight (the caller
+    /// then owns one in-flight unit, as after [`Gate::try_enter`]). Dropped before that, it
+    /// leaves the queue ([`Self::cancel`]).
+    #[inline]
+    pub fn wait<'a>(&'a self, gate: &'a Gate, t: usize, ev: &'a DrainEvent) -> WaitTurn<'a> {
+        WaitTurn {
+            queue: self,
+            gate,
+            ev,
+            t,
+            ticket: None,
+        }
+    }
+
+    /// Joins the tail: the request's ticket. `len` is raised after the push, under the lock;
+    /// its SeqCst read-modify-write orders the request's later reads of the quiesce counter
+    /// after it, as a SeqCst fence would (loom, which weakens SeqCst operations, gets the
+    /// explicit fence): see the module's "Held requests".
+    pub fn join(&self) -> u64 {
+        let mut q = self.fifo();
+        let ticket = q.next_ticket;
+        q.next_ticket += 1;
+        q.queue.push_back((ticket, None));
+        self.len.fetch_add(1, Ordering::SeqCst);
+        #[cfg(loom)]
+        fence(Ordering::SeqCst);
+        ticket
+    }
+
+    /// A held request's poll, with the `ticket` [`Self::join`] gave it, to enter `gate` on
+    /// IoThread `t`: at the head and no drain covering the gate, it tries to enter
+    /// ([`Gate::try_resume`]); in, it leaves the queue and wakes the next request (Ready: the
+    /// caller owns one in-flight unit). Otherwise it leaves `waker` to be woken when its turn
+    /// may have come (Pending).
+    pub fn poll_turn(
+        &self,
+        ticket: u64,
+        gate: &Gate,
+        t: usize,
+        ev: &DrainEvent,
+        waker: &Waker,
+    ) -> Poll<()> {
+        let mut q = self.fifo();
+        let at_head = q.queue.front().is_some_and(|(k, _)| *k == ticket);
+        // At the head and no drain: try to enter (count in flight, check the drain again; if
+        // one began meanwhile, back out and wake its drainer).
+        if at_head && gate.try_resume(t, ev) {
+            q.queue.pop_front();
+            self.len.fetch_sub(1, Ordering::SeqCst);
+            // Let the next held request follow.
+            if let Some((_, Some(w))) = q.queue.front() {
+                w.wake_by_ref();
+            }
+            return Poll::Ready(());
+        }
+        if let Some((_, w)) = q.queue.iter_mut().find(|(k, _)| *k == ticket) {
+            match w {
+                Some(w) if w.will_wake(waker) => {}
+                w => *w = Some(waker.clone()),
+            }
+        }
+        Poll::Pending
+    }
+
+    /// A held request with `ticket` gives up (it is dropped before it entered `gate`): it
+    /// leaves the queue; if it was the head and no drain covers the gate, it wakes the new head
+    /// (while a drain covers the gate, that drain's end does).
+    pub fn cancel(&self, ticket: u64, gate: &Gate) {
+        let mut q = self.fifo();
+        if let Some(i) = q.queue.iter().position(|(k, _)| *k == ticket) {
+            q.queue.remove(i);
+            self.len.fetch_sub(1, Ordering::SeqCst);
+            if i == 0 && !gate.is_draining() {
+                if let Some((_, Some(w))) = q.queue.front() {
+                    w.wake_by_ref();
+                }
+            }
+        }
+    }
+
+    /// Wakes the head, if any request is held here (the lock is taken only then).
+    pub fn wake_head(&self) {
+        if self.len.load(Ordering::SeqCst) > 0 {
+            if let Some((_, Some(w))) = self.fifo().queue.front() {
+                w.wake_by_ref();
+            }
+        }
+    }
+}
+
+/// A request waiting its turn in a [`HeldQueue`] ([`HeldQueue::wait`]).
+pub struct WaitTurn<'a> {
+    queue: &'a HeldQueue,
+    gate: &'a Gate,
+    ev: &'a DrainEvent,
+    t: usize,
+    /// Its place in the queue, from the first poll until it enters.
+    ticket: Option<u64>,
+}
+
+impl Future for WaitTurn<'_> {
+    type Output = ();
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        let queue = self.queue;
+        let ticket = *self.ticket.get_or_insert_with(|| queue.join());
+        let r = queue.poll_turn(ticket, self.gate, self.t, self.ev, cx.waker());
+        if r.is_ready() {
+            self.ticket = None;
+        }
+        r
+    }
+}
+
+impl Drop for WaitTurn<'_> {
+    fn drop(&mut self) {
+        if let Some(ticket) = self.ticket {
+            self.queue.cancel(ticket, self.gate);
+        }
+    }
+}
+
+/// A gate's held queues, one per IoThread (cache-padded, so IoThreads holding requests at
+/// once share no written line).
+pub struct HeldQueues {
+    slots: Box<[CachePadded<HeldQueue>]>,
+}
+
+impl Default for HeldQueues {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl HeldQueues {
+    /// One empty queue per IoThread index.
+    pub fn new() -> Self {
+        Self::with_slots(MAX_IOTHREADS)
+    }
+
+    /// `n` empty queues (loom models use few).
+    pub fn with_slots(n: usize) -> Self {
+        HeldQueues {
+            slots: (0..n).map(|_| CachePadded::new(HeldQueue::new())).collect(),
+        }
+    }
+
+    /// The drainer's half, once the last drain covering the gate has ended ([`Gate::end`]
+    /// returned true: its read-modify-write orders the reads of `len` here after it): wakes
+    /// the head of each IoThread's queue; each request, as it enters, wakes the next one, so
+    /// they enter in order.
+    pub fn wake_heads(&self) {
+        for q in self.slots.iter() {
+            q.wake_head();
+        }
+    }
+}
+
+impl std::ops::Index<usize> for HeldQueues {
+    type Output = HeldQueue;
+
+    /// The queue of IoThread `t`.
+    #[inline]
+    fn index(&self, t: usize) -> &HeldQueue {
+        &self.slots[t]
+    }
 }
