@@ -157,7 +157,7 @@ fn run(dir: &Path) -> Res<()> {
     let events = engine.jobs().subscribe();
     println!("stream mid into top (base stays the backing file), the guest writing");
     let mut s = StreamArgs::new("top");
-    s.job_id = Some("stream0".into());
+    s.job.job_id = Some("stream0".into());
     s.base_node = Some("base".into());
     let job = engine.stream(s)?;
     for i in 0..8 {
@@ -176,7 +176,7 @@ fn run(dir: &Path) -> Res<()> {
 
     println!("active commit of top into base, the guest writing");
     let mut c = CommitArgs::new("top");
-    c.job_id = Some("commit0".into());
+    c.job.job_id = Some("commit0".into());
     let job = engine.commit(c)?;
     for i in 0..8 {
         guest.write(i * 8 * MIB + MIB, 4096, 0xE0)?;

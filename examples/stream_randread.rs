@@ -29,7 +29,7 @@ use std::time::{Duration, Instant};
 use engine::backend::BackendOptions;
 use engine::image::{self, ImageOptions};
 use engine::job::stream::StreamArgs;
-use engine::job::JobStatus;
+use engine::job::{JobOptions, JobStatus};
 use engine::{Backend, Engine, EngineOptions, IoThreadHandle};
 
 fn parse_size(s: &str) -> u64 {
@@ -130,8 +130,11 @@ fn main() {
     let (alone, t_alone) = randread(&guest_io, &backend, seconds, 1, never);
     let job = engine
         .stream(StreamArgs {
-            job_id: Some("stream".into()),
-            speed: speed as i64,
+            job: JobOptions {
+                job_id: Some("stream".into()),
+                speed: speed as i64,
+                ..JobOptions::default()
+            },
             ..StreamArgs::new(node.name())
         })
         .expect("a stream job");

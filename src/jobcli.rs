@@ -43,7 +43,7 @@ use engine::image::{self, Format, ImageOptions};
 use engine::job::chain::image_filename;
 use engine::job::commit::CommitArgs as EngineCommitArgs;
 use engine::job::stream::StreamArgs as EngineStreamArgs;
-use engine::job::{Job, JobEvent, JobEventKind};
+use engine::job::{Job, JobEvent, JobEventKind, JobOptions};
 use engine::{Backend, Engine, EngineOptions, Error, IoThreadHandle, Node};
 
 use crate::imgcli;
@@ -537,10 +537,13 @@ fn run_stream(args: &StreamArgs) -> Result<(), String> {
     let job = s
         .engine
         .stream(EngineStreamArgs {
-            job_id: Some("stream".into()),
             base_node: base.as_ref().map(|b| b.name().to_string()),
             backing_file,
-            speed: c.speed,
+            job: JobOptions {
+                job_id: Some("stream".into()),
+                speed: c.speed,
+                ..JobOptions::default()
+            },
             ..EngineStreamArgs::new(s.top.name())
         })
         .map_err(|e| format!("'{file}': {}", e.full_message()))?;
@@ -578,9 +581,12 @@ fn run_commit(args: &CommitArgs) -> Result<(), String> {
     let job = s
         .engine
         .commit(EngineCommitArgs {
-            job_id: Some("commit".into()),
             base_node: Some(base.name().to_string()),
-            speed: c.speed,
+            job: JobOptions {
+                job_id: Some("commit".into()),
+                speed: c.speed,
+                ..JobOptions::default()
+            },
             ..EngineCommitArgs::new(s.top.name())
         })
         .map_err(|e| format!("'{file}': {}", e.full_message()))?;

@@ -320,8 +320,8 @@ fn make_full_base_chain(tag: &str, size: u64) -> [Scratch; 2] {
 /// returns the job and its info then.
 fn stream_asleep_in_its_rate_limiter(e: &Engine, top: &str, id: String) -> (Arc<Job>, JobInfo) {
     let mut args = StreamArgs::new(top);
-    args.job_id = Some(id);
-    args.speed = 1;
+    args.job.job_id = Some(id);
+    args.job.speed = 1;
     let job = e.stream(args).unwrap();
     let asleep = wait_until(
         "the job to copy a chunk and sleep in its rate limiter",
@@ -408,7 +408,7 @@ fn a_running_job_parks_at_its_next_pause_point_under_a_drain() {
     let events = e.jobs().subscribe();
     let mut args = StreamArgs::new(&top_name);
     let id = uniq("busy");
-    args.job_id = Some(id.clone());
+    args.job.job_id = Some(id.clone());
     let job = e.stream(args).unwrap();
     // Let reads through one at a time while the job has no progress. Once it has some, let
     // no more through (revoking a grant not yet taken) and wait until a read is held: the job

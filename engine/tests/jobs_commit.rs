@@ -78,7 +78,7 @@ fn commit_argument_errors_have_qemus_texts() {
     let n = open_chain(&e, &imgs, "ce");
     let err = |f: &dyn Fn(&mut CommitArgs)| {
         let mut a = CommitArgs::new(&n[2]);
-        a.job_id = Some("c".into());
+        a.job.job_id = Some("c".into());
         f(&mut a);
         e.commit(a).unwrap_err()
     };
@@ -163,7 +163,7 @@ fn active_commit_ready_complete_pivots_the_guest_to_base() {
     let guest = e.backend(&n[2], &[], BackendOptions::default()).unwrap();
     let events = e.jobs().subscribe();
     let mut a = CommitArgs::new(&n[2]);
-    a.job_id = Some(uniq("active"));
+    a.job.job_id = Some(uniq("active"));
     let job = e.commit(a).unwrap();
     // Guest writes while the job copies.
     for i in 0..32u64 {
@@ -208,7 +208,7 @@ fn active_commit_soft_cancel_after_ready_keeps_both_chains() {
     let guest = e.backend(&n[2], &[], BackendOptions::default()).unwrap();
     let events = e.jobs().subscribe();
     let mut a = CommitArgs::new(&n[2]);
-    a.job_id = Some(uniq("soft"));
+    a.job.job_id = Some(uniq("soft"));
     let job = e.commit(a).unwrap();
     assert_eq!(job.wait_for(JobStatus::Ready), JobStatus::Ready);
     write(&guest, MIB, 8192, 0x5A);
@@ -244,8 +244,8 @@ fn active_commit_force_cancel_leaves_the_chain_as_it_was() {
     let e = default_engine();
     let n = open_chain(&e, &imgs, "cx");
     let mut a = CommitArgs::new(&n[2]);
-    a.job_id = Some(uniq("force"));
-    a.speed = 1;
+    a.job.job_id = Some(uniq("force"));
+    a.job.speed = 1;
     let job = e.commit(a).unwrap();
     // Refused: complete before READY.
     assert_eq!(
@@ -276,10 +276,10 @@ fn job_verbs_follow_the_state_table() {
     let e = default_engine();
     let n = open_chain(&e, &imgs, "cv");
     let mut a = CommitArgs::new(&n[1]);
-    a.job_id = Some(uniq("verbs"));
-    a.speed = 64 * 1024;
-    a.auto_finalize = false;
-    a.auto_dismiss = false;
+    a.job.job_id = Some(uniq("verbs"));
+    a.job.speed = 64 * 1024;
+    a.job.auto_finalize = false;
+    a.job.auto_dismiss = false;
     let job = e.commit(a).unwrap();
     assert_eq!(
         job.user_resume().unwrap_err().full_message(),
@@ -379,7 +379,7 @@ fn active_commit_grows_a_shorter_base_first() {
     let n = open_chain(&e, &imgs, "cag");
     let guest = e.backend(&n[2], &[], BackendOptions::default()).unwrap();
     let mut a = CommitArgs::new(&n[2]);
-    a.job_id = Some(uniq("activegrow"));
+    a.job.job_id = Some(uniq("activegrow"));
     let job = e.commit(a).unwrap();
     assert_eq!(job.wait_for(JobStatus::Ready), JobStatus::Ready);
     job.complete().unwrap();

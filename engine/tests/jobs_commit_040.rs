@@ -686,14 +686,14 @@ fn set_speed() {
     const NEGATIVE: &str = "Parameter 'speed' expects a non-negative value";
     let mut a = CommitArgs::new(&top);
     a.top = Some(mid.path().to_string());
-    a.speed = -1;
+    a.job.speed = -1;
     assert_eq!(e.commit(a).unwrap_err().full_message(), NEGATIVE);
     assert_untouched(&e, &[&top, &mid_n, &base]);
 
     let rx = e.jobs().subscribe();
     let mut a = CommitArgs::new(&top);
     a.top = Some(mid.path().to_string());
-    a.speed = MIB as i64;
+    a.job.speed = MIB as i64;
     let job = e.commit(a).unwrap();
     job.user_pause().unwrap();
     // Ensure the speed we set was accepted.
@@ -850,7 +850,7 @@ fn with_filters(tag: &str, e: &Engine) -> WithFilters {
 impl WithFilters {
     fn args(&self) -> CommitArgs {
         let mut a = CommitArgs::new(&self.top_filter);
-        a.job_id = Some("commit".into());
+        a.job.job_id = Some("commit".into());
         a
     }
 

@@ -47,8 +47,8 @@ fn read_and_check(b: &engine::Backend, off: u64, len: u64, expected: &[u8]) {
 fn paused_stream(e: &Engine, top: &str) -> (engine::Backend, std::sync::Arc<engine::job::Job>) {
     let b = e.backend(top, &[], BackendOptions::default()).unwrap();
     let mut a = StreamArgs::new(top);
-    a.job_id = Some(uniq("corstream"));
-    a.speed = 1;
+    a.job.job_id = Some(uniq("corstream"));
+    a.job.speed = 1;
     let job = e.stream(a).unwrap();
     job.user_pause().unwrap();
     assert_eq!(job.wait_for(JobStatus::Paused), JobStatus::Paused);

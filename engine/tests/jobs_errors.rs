@@ -132,7 +132,7 @@ impl StreamErrors {
         // Drain anything earlier (nothing is expected).
         while rx.try_recv().is_ok() {}
         let mut a = StreamArgs::new(&self.top_name);
-        a.on_error = on_error;
+        a.job.on_error = on_error;
         self.e.stream(a).unwrap()
     }
 
@@ -578,7 +578,7 @@ fn stream_set_speed() {
 
     // test_set_speed_invalid: refused at creation, no job left.
     let mut a = StreamArgs::new(&top_name);
-    a.speed = -1;
+    a.job.speed = -1;
     assert_eq!(e.stream(a).unwrap_err().full_message(), NEGATIVE);
     assert!(e.jobs().list().is_empty());
     assert!(e.node(&top_name).unwrap().parents().is_empty());
@@ -626,7 +626,7 @@ fn stream_set_speed() {
 
     // The speed given to block-stream.
     let mut a = StreamArgs::new(&top_name);
-    a.speed = 4 * MIB as i64;
+    a.job.speed = 4 * MIB as i64;
     let job = e.stream(a).unwrap();
     job.user_pause().unwrap();
     assert_eq!(job.info().speed, 4 * MIB);
@@ -768,10 +768,10 @@ fn eh_run(
     let [top, mid, base] = eh_nodes(&e, &imgs, faults);
     let rx = e.jobs().subscribe();
     let mut a = CommitArgs::new(&top);
-    a.job_id = Some(JOB.into());
+    a.job.job_id = Some(JOB.into());
     a.top_node = Some(if active { top.clone() } else { mid.clone() });
     a.base_node = Some(if active { mid.clone() } else { base.clone() });
-    a.on_error = on_error;
+    a.job.on_error = on_error;
     let job = e.commit(a).unwrap();
     let mut log = Vec::new();
     loop {

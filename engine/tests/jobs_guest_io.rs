@@ -548,8 +548,8 @@ fn stream(direct: bool, seed: u64) {
     let before = r.sh.ops();
     let mut a = StreamArgs::new(&n[3]);
     a.base_node = Some(n[0].clone());
-    a.job_id = Some(uniq("gstream"));
-    a.speed = SLOW;
+    a.job.job_id = Some(uniq("gstream"));
+    a.job.speed = SLOW;
     let job = r.e.stream(a).unwrap();
     r.overlap(&job, 400);
     let _ = job.set_speed(0);
@@ -579,8 +579,8 @@ fn intermediate_commit(direct: bool, seed: u64) {
     let mut a = CommitArgs::new(&n[3]);
     a.top_node = Some(n[2].clone());
     a.base_node = Some(n[0].clone());
-    a.job_id = Some(uniq("gcommit"));
-    a.speed = SLOW;
+    a.job.job_id = Some(uniq("gcommit"));
+    a.job.speed = SLOW;
     let job = r.e.commit(a).unwrap();
     r.overlap(&job, 400);
     let _ = job.set_speed(0);
@@ -612,8 +612,8 @@ fn active_commit(direct: bool, seed: u64) {
     r.sh.wait_ops(200);
     let before = r.sh.ops();
     let mut a = CommitArgs::new(&n[3]);
-    a.job_id = Some(uniq("gactive"));
-    a.speed = SLOW;
+    a.job.job_id = Some(uniq("gactive"));
+    a.job.speed = SLOW;
     let job = r.e.commit(a).unwrap();
     r.overlap(&job, 400);
     r.sh.pace(&job);

@@ -137,9 +137,9 @@ fn stream_parallel() {
         jobs.push(
             c.stream(|a| {
                 a.device = dev;
-                a.job_id = Some(format!("stream-node{i}"));
+                a.job.job_id = Some(format!("stream-node{i}"));
                 a.bottom = Some(bottom);
-                a.speed = 1024 * 1024;
+                a.job.speed = 1024 * 1024;
             })
             .unwrap(),
         );
@@ -166,40 +166,40 @@ fn overlapping_1() {
     let stream = c
         .stream(|a| {
             a.device = c.node(4).into();
-            a.job_id = Some("stream-node4".into());
+            a.job.job_id = Some("stream-node4".into());
             a.base = Some(img1);
-            a.speed = 1024 * 1024;
+            a.job.speed = 1024 * 1024;
         })
         .unwrap();
     assert_busy(c.stream(|a| {
         a.device = c.node(5).into();
-        a.job_id = Some("stream-node5".into());
+        a.job.job_id = Some("stream-node5".into());
         a.base = Some(c.img(2).into());
     }));
     assert_busy(c.stream(|a| {
         a.device = c.node(3).into();
-        a.job_id = Some("stream-node3".into());
+        a.job.job_id = Some("stream-node3".into());
         a.base = Some(c.img(2).into());
     }));
     assert_busy(c.stream(|a| {
         a.device = c.node(4).into();
-        a.job_id = Some("stream-node4-v2".into());
+        a.job.job_id = Some("stream-node4-v2".into());
     }));
     // block-commit fails too if it touches nodes the stream job uses.
     assert_busy(c.commit(|a| {
         a.base = Some(c.img(4).into());
-        a.job_id = Some("commit-node4".into());
+        a.job.job_id = Some("commit-node4".into());
     }));
     assert_busy(c.commit(|a| {
         a.base = Some(c.img(1).into());
         a.top = Some(c.img(3).into());
-        a.job_id = Some("commit-node1".into());
+        a.job.job_id = Some("commit-node1".into());
     }));
     // This one needs to rewrite node2's backing file, and node2 is the stream's.
     assert_busy(c.commit(|a| {
         a.base = Some(c.img(0).into());
         a.top = Some(c.img(1).into());
-        a.job_id = Some("commit-node0".into());
+        a.job.job_id = Some("commit-node0".into());
     }));
     stream.set_speed(0).unwrap();
     ok(&stream);
@@ -214,15 +214,15 @@ fn overlapping_2() {
         .commit(|a| {
             a.top = Some(c.img(5).into());
             a.base = Some(c.img(3).into());
-            a.job_id = Some("commit-node3".into());
-            a.speed = 1024 * 1024;
+            a.job.job_id = Some("commit-node3".into());
+            a.job.speed = 1024 * 1024;
         })
         .unwrap();
     let s = |dev: usize, base: Option<usize>, id: &str| {
         c.stream(|a| {
             a.device = c.node(dev).into();
             a.base = base.map(|b| c.img(b).to_string());
-            a.job_id = Some(id.into());
+            a.job.job_id = Some(id.into());
         })
     };
     // As QEMU's op blockers: the first node from the device down that the commit owns is
@@ -275,14 +275,14 @@ fn overlapping_3() {
     let commit = c
         .commit(|a| {
             a.base = Some(c.img(3).into());
-            a.job_id = Some("commit-drive0".into());
-            a.speed = 1024 * 1024;
+            a.job.job_id = Some("commit-drive0".into());
+            a.job.speed = 1024 * 1024;
         })
         .unwrap();
     assert_busy(c.stream(|a| {
         a.device = c.node(5).into();
         a.base = Some(c.img(3).into());
-        a.job_id = Some("stream-node6".into());
+        a.job.job_id = Some("stream-node6".into());
     }));
     commit.set_speed(0).unwrap();
     assert_eq!(commit.wait_for(JobStatus::Ready), JobStatus::Ready);
@@ -301,8 +301,8 @@ fn overlapping_4_stream_base_is_the_commit_top_refused() {
         .commit(|a| {
             a.top = Some(c.img(2).into());
             a.base = Some(c.img(0).into());
-            a.filter_node_name = Some(filter.clone());
-            a.speed = 1024 * 1024;
+            a.job.filter_node_name = Some(filter.clone());
+            a.job.speed = 1024 * 1024;
         })
         .unwrap();
     // The stream's chain ends at the commit's filter (between node3 and node2): the commit
@@ -311,7 +311,7 @@ fn overlapping_4_stream_base_is_the_commit_top_refused() {
         .stream(|a| {
             a.device = c.node(4).into();
             a.base_node = Some(c.node(2).into());
-            a.job_id = Some("node4".into());
+            a.job.job_id = Some("node4".into());
         })
         .unwrap_err();
     assert_eq!(err.kind(), ErrorKind::Frozen);
@@ -341,15 +341,15 @@ fn overlapping_5_on(c: Chain, delays: Option<&mut dyn FnMut() -> u64>) -> Vec<Sc
         .commit(|a| {
             a.top_node = Some(c.node(2).into());
             a.base_node = Some(c.node(0).into());
-            a.filter_node_name = Some(filter.clone());
-            a.speed = 1024 * 1024;
+            a.job.filter_node_name = Some(filter.clone());
+            a.job.speed = 1024 * 1024;
         })
         .unwrap();
     let stream = c
         .stream(|a| {
             a.device = c.node(4).into();
             a.base_node = Some(filter.clone());
-            a.job_id = Some(uniq("node4"));
+            a.job.job_id = Some(uniq("node4"));
         })
         .unwrap();
     if let Some(d) = delays {
@@ -390,15 +390,15 @@ fn stream_commit(slow: bool) {
         .stream(|a| {
             a.device = c.node(2).into();
             a.base_node = Some(c.node(0).into());
-            a.job_id = Some("node2".into());
-            a.speed = speed;
+            a.job.job_id = Some("node2".into());
+            a.job.speed = speed;
         })
         .unwrap();
     let commit = c
         .commit(|a| {
             a.base = Some(c.img(3).into());
-            a.job_id = Some("drive0".into());
-            a.speed = speed;
+            a.job.job_id = Some("drive0".into());
+            a.job.speed = speed;
         })
         .unwrap();
     if slow {
@@ -437,7 +437,7 @@ fn stream_base_node_name() {
             a.device = c.node(4).into();
             a.base = base.map(|b| c.img(b).to_string());
             a.base_node = base_node.map(str::to_string);
-            a.job_id = Some("stream".into());
+            a.job.job_id = Some("stream".into());
         })
     };
     // The base node does not exist (looked up as a node only).

@@ -24,7 +24,7 @@ fn stream_whole_chain_into_top() {
     let names = open_chain(&e, &imgs, "sw");
     let events = e.jobs().subscribe();
     let mut args = StreamArgs::new(&names[3]);
-    args.job_id = Some("stream0".into());
+    args.job.job_id = Some("stream0".into());
     let job = e.stream(args).unwrap();
     let info = job.wait();
     assert_eq!(info.error, None);
@@ -101,14 +101,14 @@ fn stream_with_bottom_and_base_node() {
     // and read-only after.
     let mut args = StreamArgs::new(&names[2]);
     args.bottom = Some(names[1].clone());
-    args.job_id = Some(uniq("j"));
+    args.job.job_id = Some(uniq("j"));
     e.stream(args).unwrap().wait();
     let mid = e.node(&names[2]).unwrap();
     assert!(mid.is_read_only());
     assert_eq!(mid.backing().unwrap().name(), names[0]);
     let mut args = StreamArgs::new(&names[3]);
     args.base_node = Some(names[0].clone());
-    args.job_id = Some(uniq("j"));
+    args.job.job_id = Some(uniq("j"));
     assert_eq!(e.stream(args).unwrap().wait().error, None);
     assert_eq!(
         e.node(&names[3]).unwrap().backing().unwrap().name(),
@@ -131,7 +131,7 @@ fn stream_argument_errors_have_qemus_texts() {
     let n = open_chain(&e, &imgs, "se");
     let err = |f: &dyn Fn(&mut StreamArgs)| {
         let mut a = StreamArgs::new(&n[2]);
-        a.job_id = Some("x".into());
+        a.job.job_id = Some("x".into());
         f(&mut a);
         e.stream(a).unwrap_err().full_message()
     };
@@ -187,23 +187,23 @@ fn stream_argument_errors_have_qemus_texts() {
         format!("Node '{0}' is not a backing image of '{0}'", n[2])
     );
     assert_eq!(
-        err(&|a| a.job_id = Some("1bad".into())),
+        err(&|a| a.job.job_id = Some("1bad".into())),
         "Invalid job ID '1bad'"
     );
     assert_eq!(
-        err(&|a| a.speed = -1),
+        err(&|a| a.job.speed = -1),
         "Parameter 'speed' expects a non-negative value"
     );
     // A node that is not below the device.
     let mut a = StreamArgs::new(&n[1]);
-    a.job_id = Some("y".into());
+    a.job.job_id = Some("y".into());
     a.base_node = Some(n[2].clone());
     assert_eq!(
         e.stream(a).unwrap_err().full_message(),
         format!("Node '{}' is not a backing image of '{}'", n[2], n[1])
     );
     let mut a = StreamArgs::new(&n[1]);
-    a.job_id = Some("y".into());
+    a.job.job_id = Some("y".into());
     a.bottom = Some(n[2].clone());
     assert_eq!(
         e.stream(a).unwrap_err().full_message(),
@@ -227,17 +227,17 @@ fn job_ids_must_be_unique_and_nodes_free() {
     let e = default_engine();
     let n = open_chain(&e, &imgs, "su");
     let mut a = StreamArgs::new(&n[2]);
-    a.job_id = Some("busy".into());
-    a.speed = 1; // crawl: the job holds its nodes for the test
+    a.job.job_id = Some("busy".into());
+    a.job.speed = 1; // crawl: the job holds its nodes for the test
     let job = e.stream(a).unwrap();
     let mut b = StreamArgs::new(&n[2]);
-    b.job_id = Some("busy".into());
+    b.job.job_id = Some("busy".into());
     assert_eq!(
         e.stream(b).unwrap_err().full_message(),
         "Job ID 'busy' already in use"
     );
     let mut b = StreamArgs::new(&n[2]);
-    b.job_id = Some("other".into());
+    b.job.job_id = Some("other".into());
     assert_eq!(
         e.stream(b).unwrap_err().full_message(),
         format!(

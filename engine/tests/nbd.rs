@@ -329,9 +329,9 @@ fn client_io_continues_while_jobs_run() {
     };
     // During a stream of the middle image into the top.
     let mut a = StreamArgs::new(&names[2]);
-    a.job_id = Some(uniq("nbdstream"));
+    a.job.job_id = Some(uniq("nbdstream"));
     a.base_node = Some(names[0].clone());
-    a.speed = 1 << 20;
+    a.job.speed = 1 << 20;
     let job = e.stream(a).unwrap();
     let (h, writes) = run_client(0);
     let (ok, out) = h.join().unwrap();
@@ -347,7 +347,7 @@ fn client_io_continues_while_jobs_run() {
     }
     // During an active commit of the top into the base (the export writes the top).
     let mut c = CommitArgs::new(&names[2]);
-    c.job_id = Some(uniq("nbdcommit"));
+    c.job.job_id = Some(uniq("nbdcommit"));
     let job = e.commit(c).unwrap();
     let (h, writes) = run_client(1);
     assert_eq!(job.wait_for(JobStatus::Ready), JobStatus::Ready);

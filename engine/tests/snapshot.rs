@@ -257,8 +257,8 @@ fn snapshot_of_a_node_a_job_owns_is_refused() {
     let ovn = uniq("sj-overlay");
     add_qcow2(&e, &ovn, ov.path(), BackingSpec::None).unwrap();
     let mut a = StreamArgs::new(&n[2]);
-    a.job_id = Some(uniq("sj-stream"));
-    a.speed = 1;
+    a.job.job_id = Some(uniq("sj-stream"));
+    a.job.speed = 1;
     let job = e.stream(a).unwrap();
     assert_eq!(job.wait_for(JobStatus::Running), JobStatus::Running);
     let err = e.snapshot(&n[2], &ovn).unwrap_err();
@@ -349,7 +349,7 @@ fn snapshot_reopens_only_the_files_that_are_part_of_the_node() {
     e.reopen(&named, true).unwrap();
     assert_eq!(ro(&named), (true, false));
     let mut a = StreamArgs::new(&overlays[1].1);
-    a.job_id = Some(uniq("sf-stream"));
+    a.job.job_id = Some(uniq("sf-stream"));
     assert_eq!(e.stream(a).unwrap().wait().error, None);
     drop(e);
     for (ov, _) in &overlays {

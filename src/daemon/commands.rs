@@ -14,7 +14,7 @@ use engine::drivers::raw::RawOptions;
 use engine::job::commit::CommitArgs;
 use engine::job::create::{CreateArgs, CreateTarget};
 use engine::job::stream::StreamArgs;
-use engine::job::{IoOp, Job, JobEvent, JobEventKind, JobInfo, JobType, OnError};
+use engine::job::{IoOp, Job, JobEvent, JobEventKind, JobInfo, JobOptions, JobType, OnError};
 use engine::nbd::{NbdAddr, NbdServer};
 use engine::{BackingSpec, ChildSpec, DriverSpec, Engine, Node, NodeSpec};
 use parking_lot::Mutex;
@@ -531,25 +531,13 @@ impl Monitor {
     fn cmd_block_stream(&self, mut a: Args) -> Result<Value, QmpError> {
         let device = a.str("device")?;
         let mut s = StreamArgs::new(&device);
-        s.job_id = a.opt_str("job-id")?;
+        s.job.job_id = a.opt_str("job-id")?;
         s.base = a.opt_str("base")?;
         s.base_node = a.opt_str("base-node")?;
         s.backing_file = a.opt_str("backing-file")?;
         let _mask = a.opt_bool("backing-mask-protocol")?;
         s.bottom = a.opt_str("bottom")?;
-        if let Some(v) = a.opt_int("speed")? {
-            s.speed = v;
-        }
-        if let Some(v) = a.opt_enum("on-error", ON_ERROR)? {
-            s.on_error = v;
-        }
-        s.filter_node_name = a.opt_str("filter-node-name")?;
-        if let Some(v) = a.opt_bool("auto-finalize")? {
-            s.auto_finalize = v;
-        }
-        if let Some(v) = a.opt_bool("auto-dismiss")? {
-            s.auto_dismiss = v;
-        }
+        job_options(&mut a, &mut s.job)?;
         a.finish()?;
         self.engine.stream(s)?;
         Ok(json!({}))
@@ -558,26 +546,14 @@ impl Monitor {
     fn cmd_block_commit(&self, mut a: Args) -> Result<Value, QmpError> {
         let device = a.str("device")?;
         let mut c = CommitArgs::new(&device);
-        c.job_id = a.opt_str("job-id")?;
+        c.job.job_id = a.opt_str("job-id")?;
         c.base_node = a.opt_str("base-node")?;
         c.base = a.opt_str("base")?;
         c.top_node = a.opt_str("top-node")?;
         c.top = a.opt_str("top")?;
         c.backing_file = a.opt_str("backing-file")?;
         let _mask = a.opt_bool("backing-mask-protocol")?;
-        if let Some(v) = a.opt_int("speed")? {
-            c.speed = v;
-        }
-        if let Some(v) = a.opt_enum("on-error", ON_ERROR)? {
-            c.on_error = v;
-        }
-        c.filter_node_name = a.opt_str("filter-node-name")?;
-        if let Some(v) = a.opt_bool("auto-finalize")? {
-            c.auto_finalize = v;
-        }
-        if let Some(v) = a.opt_bool("auto-dismiss")? {
-            c.auto_dismiss = v;
-        }
+        job_options(&mut a, &mut c.job)?;
         a.finish()?;
         self.engine.commit(c)?;
         Ok(json!({}))
@@ -1385,4 +1361,23 @@ fn block_device_info(n: &Arc<Node>, flat: bool) -> Value {
         }
     }
     v
+}
+
+/// The job arguments block-stream and block-commit share after their own (`speed` to
+/// `auto-dismiss`, in the schema's order, so the first bad one is the one QEMU names).
+fn job_options(a: &mut Args, job: &mut JobOptions) -> Result<(), QmpError> {
+    if let Some(v) = a.opt_int("speed")? {
+        job.speed = v;
+    }
+    if let Some(v) = a.opt_enum("on-error", ON_ERROR)? {
+        job.on_error = v;
+    }
+    job.filter_node_name = a.opt_str("filter-node-name")?;
+    if let Some(v) = a.opt_bool("auto-finalize")? {
+        job.auto_finalize = v;
+    }
+    if let Some(v) = a.opt_bool("auto-dismiss")? {
+        job.auto_dismiss = v;
+    }
+    Ok(())
 }

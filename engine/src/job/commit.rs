@@ -49,8 +49,8 @@ use super::chain::{
     image_filename, image_format,
 };
 use super::{
-    job_io_error, ErrorAction, IoOp, Job, JobCx, JobDriver, JobManager, JobSetup, JobSpec, JobType,
-    OnError,
+    job_io_error, ErrorAction, IoOp, Job, JobCx, JobDriver, JobManager, JobOptions, JobSetup,
+    JobType,
 };
 use crate::controller::ChangeCtx;
 use crate::drivers::cor;
@@ -279,8 +279,6 @@ pub(crate) fn pause_and_speed(cx: &JobCx) -> (bool, u64) {
 /// The arguments of `block-commit`.
 #[derive(Debug, Clone)]
 pub struct CommitArgs {
-    /// Job id (default: `device`).
-    pub job_id: Option<String>,
     /// The active node of the chain (node name).
     pub device: String,
     /// The lowest image merged, by node name (default: the device).
@@ -293,34 +291,22 @@ pub struct CommitArgs {
     pub base: Option<String>,
     /// The backing file name written into the overlay's header (default: base's file name).
     pub backing_file: Option<String>,
-    /// Speed limit (bytes per second, 0: none).
-    pub speed: i64,
-    /// Error policy.
-    pub on_error: OnError,
-    /// Name for the job's filter node (default: automatic).
-    pub filter_node_name: Option<String>,
-    /// Finalize without `job-finalize`.
-    pub auto_finalize: bool,
-    /// Dismiss without `job-dismiss`.
-    pub auto_dismiss: bool,
+    /// The options every job takes (id, speed, error policy, filter name, auto-finalize
+    /// and -dismiss).
+    pub job: JobOptions,
 }
 
 impl CommitArgs {
     /// Commits everything below the active layer `device` into the chain's last image.
     pub fn new(device: &str) -> CommitArgs {
         CommitArgs {
-            job_id: None,
             device: device.to_string(),
             top_node: None,
             top: None,
             base_node: None,
             base: None,
             backing_file: None,
-            speed: 0,
-            on_error: OnError::Report,
-            filter_node_name: None,
-            auto_finalize: true,
-            auto_dismiss: true,
+            job: JobOptions::default(),
         }
     }
 }
@@ -335,14 +321,7 @@ pub(crate) fn start(
     io: iothreads::IoThreadHandle,
     args: CommitArgs,
 ) -> Result<Arc<Job>> {
-    let spec = JobSpec {
-        id: args.job_id.clone().unwrap_or_else(|| args.device.clone()),
-        device: args.device.clone(),
-        speed: args.speed,
-        on_error: args.on_error,
-        auto_finalize: args.auto_finalize,
-        auto_dismiss: args.auto_dismiss,
-    };
+    let spec = args.job.spec(&args.device);
     mgr.create(spec, io, move |ctx, mgr| async move {
         setup(&ctx, &mgr, args).await
     })
@@ -457,11 +436,11 @@ async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: CommitArgs) -> Result<Jo
     })?;
     let base_read_only = base.is_read_only();
     let filter = Node::new(
-        args.filter_node_name.as_deref(),
+        args.job.filter_node_name.as_deref(),
         Box::new(CommitTopDriver),
         false,
     )?;
-    let job_id = args.job_id.clone().unwrap_or_else(|| args.device.clone());
+    let job_id = args.job.id_for(&args.device);
     let drained = ctx.drain(&[Arc::clone(&top), Arc::clone(&base)]).await;
     let frozen = std::cell::RefCell::new(Vec::new());
     let res = ctx.transaction(|tx| {

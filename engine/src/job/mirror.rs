@@ -134,10 +134,10 @@ pub(crate) async fn setup_active_commit(
             ),
         )
     })?;
-    let job_id = args.job_id.clone().unwrap_or_else(|| args.device.clone());
+    let job_id = args.job.id_for(&args.device);
     let bitmap = Arc::new(DirtyBitmap::new(top.len()));
     let filter = Node::new(
-        args.filter_node_name.as_deref(),
+        args.job.filter_node_name.as_deref(),
         Box::new(MirrorTopDriver {
             bitmap: Arc::clone(&bitmap),
         }),

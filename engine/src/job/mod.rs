@@ -1218,6 +1218,55 @@ pub struct JobSpec {
     pub auto_dismiss: bool,
 }
 
+/// What every block job takes besides its nodes (QMP's common job arguments).
+#[derive(Debug, Clone)]
+pub struct JobOptions {
+    /// Job id (default: the job's `device`).
+    pub job_id: Option<String>,
+    /// Speed limit (bytes per second, 0: none).
+    pub speed: i64,
+    /// Error policy.
+    pub on_error: OnError,
+    /// Name for the job's filter node (default: automatic).
+    pub filter_node_name: Option<String>,
+    /// Finalize without `job-finalize`.
+    pub auto_finalize: bool,
+    /// Dismiss without `job-dismiss`.
+    pub auto_dismiss: bool,
+}
+
+impl Default for JobOptions {
+    fn default() -> Self {
+        JobOptions {
+            job_id: None,
+            speed: 0,
+            on_error: OnError::Report,
+            filter_node_name: None,
+            auto_finalize: true,
+            auto_dismiss: true,
+        }
+    }
+}
+
+impl JobOptions {
+    /// The job's id: `job_id`, else the device's name.
+    pub fn id_for(&self, device: &str) -> String {
+        self.job_id.clone().unwrap_or_else(|| device.to_string())
+    }
+
+    /// The manager's description of a job with these options started on `device`.
+    pub(crate) fn spec(&self, device: &str) -> JobSpec {
+        JobSpec {
+            id: self.id_for(device),
+            device: device.to_string(),
+            speed: self.speed,
+            on_error: self.on_error,
+            auto_finalize: self.auto_finalize,
+            auto_dismiss: self.auto_dismiss,
+        }
+    }
+}
+
 /// Checks a job id as QEMU does (`id_wellformed`: a letter, then letters, digits, `-._`).
 pub fn check_job_id(id: &str) -> Result<()> {
     let mut c = id.chars();

@@ -37,8 +37,8 @@ use super::chain::{
 };
 use super::commit::{pause_and_speed, InFlight, Pacer, MAX_IN_FLIGHT};
 use super::{
-    job_io_error, ErrorAction, IoOp, Job, JobCx, JobDriver, JobManager, JobSetup, JobSpec, JobType,
-    OnError,
+    job_io_error, ErrorAction, IoOp, Job, JobCx, JobDriver, JobManager, JobOptions, JobSetup,
+    JobType,
 };
 use crate::controller::ChangeCtx;
 use crate::drivers::cor::{CorDriver, CorMode, CorOptions};
@@ -51,8 +51,6 @@ pub const STREAM_CHUNK: u64 = 512 * 1024;
 /// The arguments of `block-stream`.
 #[derive(Debug, Clone)]
 pub struct StreamArgs {
-    /// Job id (default: `device`).
-    pub job_id: Option<String>,
     /// The node to stream into (node name).
     pub device: String,
     /// The base, by file name: images below `device` down to (not including) it are copied.
@@ -63,33 +61,21 @@ pub struct StreamArgs {
     pub bottom: Option<String>,
     /// The backing file name to write into the header (default: the base's file name).
     pub backing_file: Option<String>,
-    /// Speed limit (bytes per second, 0: none).
-    pub speed: i64,
-    /// Error policy.
-    pub on_error: OnError,
-    /// Name for the copy-on-read filter (default: automatic).
-    pub filter_node_name: Option<String>,
-    /// Finalize without `job-finalize`.
-    pub auto_finalize: bool,
-    /// Dismiss without `job-dismiss`.
-    pub auto_dismiss: bool,
+    /// The options every job takes (id, speed, error policy, filter name, auto-finalize
+    /// and -dismiss).
+    pub job: JobOptions,
 }
 
 impl StreamArgs {
     /// Streams the whole chain below `device` into it.
     pub fn new(device: &str) -> StreamArgs {
         StreamArgs {
-            job_id: None,
             device: device.to_string(),
             base: None,
             base_node: None,
             bottom: None,
             backing_file: None,
-            speed: 0,
-            on_error: OnError::Report,
-            filter_node_name: None,
-            auto_finalize: true,
-            auto_dismiss: true,
+            job: JobOptions::default(),
         }
     }
 }
@@ -119,14 +105,7 @@ pub(crate) fn start(
             "'bottom' and 'base-node' cannot be specified at the same time",
         ));
     }
-    let spec = JobSpec {
-        id: args.job_id.clone().unwrap_or_else(|| args.device.clone()),
-        device: args.device.clone(),
-        speed: args.speed,
-        on_error: args.on_error,
-        auto_finalize: args.auto_finalize,
-        auto_dismiss: args.auto_dismiss,
-    };
+    let spec = args.job.spec(&args.device);
     mgr.create(spec, io, move |ctx, mgr| async move {
         setup(&ctx, &mgr, args).await
     })
@@ -234,7 +213,7 @@ async fn setup(ctx: &ChangeCtx, mgr: &JobManager, args: StreamArgs) -> Result<Jo
     let frozen: Vec<Arc<Edge>> = chain.iter().filter_map(|n| filter_or_cow_edge(n)).collect();
     let read_only = bs.is_read_only();
     let filter = Node::new(
-        args.filter_node_name.as_deref(),
+        args.job.filter_node_name.as_deref(),
         Box::new(CorDriver::new(CorOptions {
             bottom: Some(Arc::clone(&base_overlay)),
             granularity: 0,
