@@ -305,6 +305,31 @@ fn drain_backend(ev: &DrainEvent, gate: &Gate, held: &HeldQueues, graph: &Shared
     }
 }
 
+/// The held-request models' shape: a drain covers the backend from the start; one IoThread
+/// runs two requests (the first dropped while held if `drop_first`) and `check`s the order they
+/// entered in; the drainer ends that drain and then runs `drains - 1` more, each writing its
+/// own cell of the graph. At the end nothing is in flight, drained or held.
+fn held_model(preemptions: usize, drains: usize, drop_first: bool, check: fn(&[usize])) {
+    model(preemptions, move || {
+        let ev = Arc::new(DrainEvent::new());
+        let gate = Arc::new(Gate::with_slots(1));
+        let held = Arc::new(HeldQueues::with_slots(1));
+        let graph: Arc<Vec<Shared>> = Arc::new((0..drains).map(|_| Shared::new()).collect());
+        gate.begin();
+        let io = {
+            let (ev, gate, held, graph) = (ev.clone(), gate.clone(), held.clone(), graph.clone());
+            thread::spawn(move || check(&io_thread(&gate, &held, &ev, &graph[..], drop_first)))
+        };
+        for (i, cell) in graph.iter().enumerate() {
+            drain_backend(&ev, &gate, &held, cell, i == 0);
+        }
+        io.join().unwrap();
+        assert_eq!(gate.in_flight(), 0);
+        assert_eq!(gate.quiesce_count(), 0);
+        assert!(held[0].is_empty());
+    });
+}
+
 /// Two requests on one IoThread arrive while a drain covers the backend and are held; the
 /// drainer ends it (`Gate::end`, `HeldQueues::wake_heads`) concurrently with their arrival and
 /// polls. Both enter, in arrival (ticket) order, none while the drain changes the graph, and
@@ -312,24 +337,7 @@ fn drain_backend(ev: &DrainEvent, gate: &Gate, held: &HeldQueues, graph: &Shared
 /// exhausted below 20 preemptions (18118 executions, as many as with no bound).
 #[test]
 fn held_requests_resume_in_order_when_the_drain_ends() {
-    model(20, || {
-        let ev = Arc::new(DrainEvent::new());
-        let gate = Arc::new(Gate::with_slots(1));
-        let held = Arc::new(HeldQueues::with_slots(1));
-        let graph = Arc::new([Shared::new()]);
-        gate.begin();
-        let io = {
-            let (ev, gate, held, graph) = (ev.clone(), gate.clone(), held.clone(), graph.clone());
-            thread::spawn(move || {
-                let order = io_thread(&gate, &held, &ev, &graph[..], false);
-                assert_eq!(order, [0, 1]);
-            })
-        };
-        drain_backend(&ev, &gate, &held, &graph[0], true);
-        io.join().unwrap();
-        assert_eq!(gate.in_flight(), 0);
-        assert!(held[0].is_empty());
-    });
+    held_model(20, 1, false, |order| assert_eq!(order, [0, 1]));
 }
 
 /// As above, but request 0 is dropped while held, concurrently with the drain's end: before the
@@ -337,24 +345,9 @@ fn held_requests_resume_in_order_when_the_drain_ends() {
 /// interleaving (60953 executions, as many as with no bound).
 #[test]
 fn a_held_request_dropped_passes_its_turn_on() {
-    model(20, || {
-        let ev = Arc::new(DrainEvent::new());
-        let gate = Arc::new(Gate::with_slots(1));
-        let held = Arc::new(HeldQueues::with_slots(1));
-        let graph = Arc::new([Shared::new()]);
-        gate.begin();
-        let io = {
-            let (ev, gate, held, graph) = (ev.clone(), gate.clone(), held.clone(), graph.clone());
-            thread::spawn(move || {
-                let order = io_thread(&gate, &held, &ev, &graph[..], true);
-                // Request 0 entered only if the drain had ended before it arrived.
-                assert!(order == [1] || order == [0, 1], "{order:?}");
-            })
-        };
-        drain_backend(&ev, &gate, &held, &graph[0], true);
-        io.join().unwrap();
-        assert_eq!(gate.in_flight(), 0);
-        assert!(held[0].is_empty());
+    // Request 0 entered only if the drain had ended before it arrived.
+    held_model(20, 1, true, |order| {
+        assert!(order == [1] || order == [0, 1], "{order:?}")
     });
 }
 
@@ -365,26 +358,7 @@ fn a_held_request_dropped_passes_its_turn_on() {
 /// (182441 executions, about 9 s alone; seven take 620641 and half a minute).
 #[test]
 fn a_held_head_entering_as_a_drain_begins_again() {
-    model(6, || {
-        let ev = Arc::new(DrainEvent::new());
-        let gate = Arc::new(Gate::with_slots(1));
-        let held = Arc::new(HeldQueues::with_slots(1));
-        let graph = Arc::new([Shared::new(), Shared::new()]);
-        gate.begin();
-        let io = {
-            let (ev, gate, held, graph) = (ev.clone(), gate.clone(), held.clone(), graph.clone());
-            thread::spawn(move || {
-                let order = io_thread(&gate, &held, &ev, &graph[..], false);
-                assert_eq!(order, [0, 1]);
-            })
-        };
-        drain_backend(&ev, &gate, &held, &graph[0], true);
-        drain_backend(&ev, &gate, &held, &graph[1], false);
-        io.join().unwrap();
-        assert_eq!(gate.in_flight(), 0);
-        assert_eq!(gate.quiesce_count(), 0);
-        assert!(held[0].is_empty());
-    });
+    held_model(6, 2, false, |order| assert_eq!(order, [0, 1]));
 }
 
 /// Readers on their own slots and the writer: no reader reads the cell while the writer writes
