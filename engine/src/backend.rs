@@ -258,13 +258,13 @@ impl Backend {
     async fn enter(&self, t: usize) -> Entered<'_> {
         let inner = &*self.inner;
         let held = &inner.held[t];
-        if inner.holding {
-            // Counted in (none held on this IoThread, no drain), or held.
-            if held.try_enter(&inner.gate, t, drain_event()) {
-                return Entered { inner, t };
-            }
-        } else if held.is_empty() {
+        if !inner.holding {
+            // A job's own backend passes drains and so never holds anything.
             inner.gate.enter(t);
+            return Entered { inner, t };
+        }
+        // Counted in (none held on this IoThread, no drain), or held.
+        if held.try_enter(&inner.gate, t, drain_event()) {
             return Entered { inner, t };
         }
         inner.held_total.fetch_add(1, Ordering::Relaxed);

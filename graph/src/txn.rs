@@ -74,7 +74,8 @@ fn frozen_error(edge: &Edge) -> Error {
 /// all (no parent edge and no user: a node being opened, before it is attached anywhere).
 /// A change that forgot its drain fails here, before it has changed anything.
 fn require_drained(node: &Node) -> Result<()> {
-    if node.quiesce_count() > 0 || node.parents().is_empty() {
+    let reached = || node.parents.lock().iter().any(|p| p.strong_count() > 0);
+    if node.quiesce_count() > 0 || !reached() {
         return Ok(());
     }
     Err(Error::new(
