@@ -42,8 +42,8 @@ pub use join::{JoinError, JoinHandle, JoinSender};
 pub use op::Fd;
 pub use runtime::turn_time;
 pub use thread::{
-    alloc_buf, block_on_current, coop_yield, current, current_index, current_index_or,
-    handle_by_index, is_busy, ops_in_flight, register_file, spawn_local, task_count,
-    unregister_file, yield_now, CoopYield, IoThread, IoThreadHandle, IoThreadOptions, LoopStats,
-    RingError, YieldNow, MAX_IOTHREADS,
+    alloc_buf, allowed_cpus, block_on_current, coop_yield, current, current_index,
+    current_index_or, handle_by_index, is_busy, ops_in_flight, register_file, spawn_local,
+    task_count, unregister_file, yield_now, CoopYield, IoThread, IoThreadHandle, IoThreadOptions,
+    LoopStats, RingError, YieldNow, MAX_IOTHREADS,
 };

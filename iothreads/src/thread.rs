@@ -212,6 +212,22 @@ fn build_ring(opts: &IoThreadOptions) -> Result<IoUring, RingError> {
     builder.build(entries).map_err(explain_setup_error)
 }
 
+/// The CPUs the calling thread may run on now (its affinity mask; every CPU the machine
+/// reports if the mask cannot be read).
+pub fn allowed_cpus() -> Vec<usize> {
+    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is the calling thread.
+    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
+    if r != 0 {
+        return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
+    }
+    (0..libc::CPU_SETSIZE as usize)
+        // SAFETY: each index is below CPU_SETSIZE, the set's size in bits.
+        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .collect()
+}
+
 /// Binds the calling thread and its ring's io-wq workers to `cpus` (if given).
 fn bind_cpus(ring: IoUring, cpus: Option<&[usize]>) -> Result<IoUring, RingError> {
     let Some(cpus) = cpus else {

@@ -575,32 +575,19 @@ fn refused_ring_names_the_cause() {
     );
 }
 
-/// The CPUs the calling thread may run on.
-fn my_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is the calling thread.
-    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    assert_eq!(r, 0, "{}", std::io::Error::last_os_error());
-    (0..libc::CPU_SETSIZE as usize)
-        // SAFETY: c is below CPU_SETSIZE, the set's size in bits.
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect()
-}
-
 #[test]
 fn cpus_bind_the_iothread() {
-    let mine = my_cpus();
+    let mine = iothreads::allowed_cpus();
     let last = *mine.last().unwrap();
     let t = IoThread::with_options(IoThreadOptions {
         cpus: Some(vec![last]),
         ..IoThreadOptions::default()
     })
     .unwrap();
-    let on = t.block_on(|| async { my_cpus() }).unwrap();
+    let on = t.block_on(|| async { iothreads::allowed_cpus() }).unwrap();
     assert_eq!(on, vec![last]);
     // The thread that made it keeps its own CPUs.
-    assert_eq!(my_cpus(), mine);
+    assert_eq!(iothreads::allowed_cpus(), mine);
     drop(t);
     // A CPU this process may not use: a clear error, no thread left behind.
     let bad = (0..libc::CPU_SETSIZE as usize)

@@ -468,21 +468,6 @@ fn count_opt(opt: &str, v: &Option<String>, min: u32, max: u32) -> Result<Option
     Ok(Some(n as u32))
 }
 
-/// The CPUs this process may use now (its affinity mask), as fio checks cpus_allowed against.
-fn online_cpus() -> Vec<usize> {
-    // SAFETY: cpu_set_t is a plain bit array; all zeroes is the empty set.
-    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
-    // SAFETY: `set` is a valid cpu_set_t of the size passed; 0 is the calling thread.
-    let r = unsafe { libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut set) };
-    if r != 0 {
-        return (0..std::thread::available_parallelism().map_or(1, |n| n.get())).collect();
-    }
-    // SAFETY: each index is below CPU_SETSIZE, the set's size in bits.
-    (0..libc::CPU_SETSIZE as usize)
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
-        .collect()
-}
-
 /// Parses fio's CPU list syntax (`0,2-3`): every CPU must be one this process may use.
 pub fn cpu_list(list: &str, usable: Vec<usize>) -> Result<Vec<usize>, String> {
     let bad = |why: String| format!("--cpus_allowed={list}: {why}");
@@ -667,7 +652,7 @@ pub fn validate(args: &BenchArgs) -> Result<Options, String> {
     let cpus_allowed = args
         .cpus_allowed
         .as_deref()
-        .map(|l| cpu_list(l, online_cpus()))
+        .map(|l| cpu_list(l, iothreads::allowed_cpus()))
         .transpose()?;
     let drain_every = count_opt("drain-every", &args.drain_every, 1, DRAIN_EVERY_MAX_MS)?
         .map(|ms| Duration::from_millis(u64::from(ms)));
